@@ -1,0 +1,239 @@
+"""Run folders and the files in them: atomic writes, and no silent overwrites."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("saved_models")
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"  # Written last: its presence marks a finished run.
+LOGS_DIR = "logs"
+# Files that mark a folder as a run folder of ours (safe to clear on --overwrite).
+RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, MODEL_FILE, "backup")
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder holds a finished run and --overwrite was not given."""
+
+
+def default_run_dir(arch: str, root: os.PathLike | str = DEFAULT_ROOT) -> Path:
+    return Path(root) / arch
+
+
+def is_finished_run(folder: os.PathLike | str) -> bool:
+    return (Path(folder) / METRICS_FILE).is_file()
+
+
+def prepare_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> Path:
+    """Make `folder` ready for a new run, refusing to clobber anything not asked for.
+
+    - missing or empty: created;
+    - a finished run (metrics.json): refused unless `overwrite`, then cleared;
+    - an unfinished run of ours (a backup from a killed run): kept, so that
+      training can resume from it;
+    - any other non-empty folder: refused (it is not ours to clear).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        ours = any((folder / marker).exists() for marker in RUN_MARKERS)
+        if not ours:
+            raise OutputExistsError(f"{folder}: not empty and not a run folder; choose another --output-dir")
+        if is_finished_run(folder):
+            if not overwrite:
+                raise OutputExistsError(f"{folder}: holds a finished run; pass --overwrite to replace it")
+            logger.info("Clearing %s (--overwrite)", folder)
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    return Path(temporary)
+
+
+def write_json(path: os.PathLike | str, payload: Any) -> Path:
+    """Write JSON via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    temporary = _atomic_target(path)
+    try:
+        temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def read_json(path: os.PathLike | str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def save_keras_model(model, path: os.PathLike | str) -> Path:
+    """`model.save` to a temporary .keras file, then rename into place."""
+    path = Path(path)
+    temporary = _atomic_target(path)
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Loading any model format the project writes. One loader for evaluate,
+# predict, serve and the export checks.
+# ---------------------------------------------------------------------------
+
+MODEL_FORMATS = ("keras", "saved_model", "tflite")
+
+
+class LoadedModel:
+    """A trained model in any of the project's formats, behind one `predict`.
+
+    `predict(images)` takes (N, 28, 28) raw pixels 0-255 (any numeric dtype)
+    and returns (N, 10) float32 class probabilities.
+    """
+
+    def __init__(self, path: Path, format: str, predict_fn, description: str = "") -> None:
+        self.path = path
+        self.format = format
+        self._predict_fn = predict_fn
+        self.description = description or f"{format} model {path}"
+
+    def predict(self, images, batch_size: int = 1024):
+        import numpy as np
+
+        images = np.asarray(images)
+        if images.ndim == 2:
+            images = images[None]
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise ValueError(f"images must have shape (N, 28, 28). Received: {images.shape}")
+        images = images.astype(np.float32, copy=False)
+        if len(images) == 0:
+            return np.zeros((0, 10), np.float32)
+        outputs = [self._predict_fn(images[start:start + batch_size])
+                   for start in range(0, len(images), batch_size)]
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.description})"
+
+
+def detect_format(path: os.PathLike | str) -> tuple[Path, str]:
+    """(resolved path, format) of a .keras file, a SavedModel folder, a .tflite file or a run folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file or folder")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return path, "saved_model"
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE, "keras"
+        raise ValueError(f"{path}: not a SavedModel folder (no saved_model.pb) nor a run folder (no {MODEL_FILE})")
+    if path.suffix == ".keras":
+        return path, "keras"
+    if path.suffix == ".tflite":
+        return path, "tflite"
+    raise ValueError(f"{path}: not a model (expected a .keras file, a SavedModel folder or a .tflite file)")
+
+
+def load_model(path: os.PathLike | str) -> LoadedModel:
+    """Load a .keras file (with Keras' safe_mode on), a SavedModel folder, a .tflite file, or a run folder."""
+    path, format = detect_format(path)
+    loader = {"keras": _load_keras, "saved_model": _load_saved_model, "tflite": _load_tflite}[format]
+    return loader(path)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_keras(path: Path) -> LoadedModel:
+    import keras
+
+    try:
+        # safe_mode refuses a .keras that carries Python code (Lambda layers):
+        # loading one would run arbitrary code.
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises ValueError, zipfile errors, OSError...
+        raise ValueError(f"{path}: cannot load as a Keras model ({_first_line(error)})") from None
+    if tuple(model.input_shape[1:]) != (28, 28) or model.output_shape[-1] != 10:
+        raise ValueError(f"{path}: expected a model from 28x28 images to 10 classes. "
+                         f"Received: {model.input_shape} -> {model.output_shape}")
+    return LoadedModel(path, "keras", lambda x: model.predict_on_batch(x), f"Keras model {path.name}")
+
+
+def _load_saved_model(path: Path) -> LoadedModel:
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+        signature = loaded.signatures["serving_default"]
+    except Exception as error:
+        raise ValueError(f"{path}: cannot load as a SavedModel with a serving_default signature "
+                         f"({_first_line(error)})") from None
+    (input_name, input_spec), = signature.structured_input_signature[1].items()
+    output_name = next(iter(signature.structured_outputs))
+
+    def predict(images):
+        outputs = signature(**{input_name: tf.cast(tf.constant(images), input_spec.dtype)})
+        return outputs[output_name].numpy()
+
+    return LoadedModel(path, "saved_model", predict, f"SavedModel {path.name}")
+
+
+def _load_tflite(path: Path) -> LoadedModel:
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+    except Exception as error:
+        raise ValueError(f"{path}: cannot load as a TFLite model ({_first_line(error)})") from None
+    input_detail = interpreter.get_input_details()[0]
+    output_detail = interpreter.get_output_details()[0]
+    input_dtype = input_detail["dtype"]
+    in_scale, in_zero = input_detail["quantization"]
+    out_scale, out_zero = output_detail["quantization"]
+    state = {"batch": int(input_detail["shape"][0])}
+
+    def predict(images):
+        if input_dtype in (np.int8, np.uint8) and in_scale:
+            info = np.iinfo(input_dtype)
+            images = np.clip(np.round(images / in_scale + in_zero), info.min, info.max)
+        images = images.astype(input_dtype)
+        if len(images) != state["batch"]:
+            interpreter.resize_tensor_input(input_detail["index"], [len(images), 28, 28])
+            interpreter.allocate_tensors()
+            state["batch"] = len(images)
+        interpreter.set_tensor(input_detail["index"], images)
+        interpreter.invoke()
+        output = interpreter.get_tensor(output_detail["index"])
+        if output_detail["dtype"] in (np.int8, np.uint8) and out_scale:
+            output = (output.astype(np.float32) - out_zero) * out_scale
+        return output.astype(np.float32)
+
+    return LoadedModel(path, "tflite", predict, f"TFLite model {path.name} ({np.dtype(input_dtype).name} input)")

@@ -1,0 +1,191 @@
+"""The one training loop, for every tf.distribute strategy.
+
+`model.fit` fails under `MultiWorkerMirroredStrategy` on Keras 3
+(keras-team/keras#20585), so training is written once with public APIs:
+
+- a replica step run by `strategy.run`, with the loss summed over the replica's
+  examples and divided by the *global* batch size (the optimizer all-reduces
+  gradients with a sum, so this yields the global-batch mean);
+- several steps per `tf.function` call (like `steps_per_execution`), which
+  keeps Python out of the hot path;
+- data from `strategy.distribute_datasets_from_function`, so every worker reads
+  its own shard;
+- running sums of (loss, correct, count) reduced across replicas and workers
+  with `strategy.reduce`, so every worker reports the same numbers.
+
+Everything else is Keras: the model, its optimizer, the loss, `Progbar`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mnist_keras import data as data_lib
+
+logger = logging.getLogger(__name__)
+
+# Called after every epoch with (epoch index, logs); logs has loss, accuracy,
+# val_loss and val_accuracy (the last two when there is validation data).
+EpochCallback = Callable[[int, dict], None]
+
+
+def make_learning_rate(
+    peak: float, schedule: str, total_steps: int, warmup_steps: int = 0,
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """A constant rate, or linear warmup to `peak` followed by cosine decay to 0."""
+    if schedule == "constant":
+        return peak
+    if schedule != "cosine":
+        raise ValueError(f"`schedule` must be cosine or constant. Received: schedule={schedule!r}")
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    if warmup_steps == 0:
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(total_steps, 1))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=max(total_steps - warmup_steps, 1),
+        warmup_target=peak, warmup_steps=warmup_steps)
+
+
+class TrainingLoop:
+    """Trains and evaluates a compiled Keras model under `strategy`.
+
+    The model and its optimizer must have been created (and compiled) inside
+    `strategy.scope()`.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        strategy: tf.distribute.Strategy,
+        global_batch_size: int,
+        steps_per_execution: int = 100,
+    ) -> None:
+        replicas = strategy.num_replicas_in_sync
+        if global_batch_size % replicas:
+            raise ValueError(f"--batch-size must be a multiple of the {replicas} replicas. "
+                             f"Received: {global_batch_size}")
+        if model.optimizer is None:
+            raise ValueError("The model must be compiled (inside strategy.scope()) before training.")
+        self.model = model
+        self.strategy = strategy
+        self.global_batch_size = global_batch_size
+        self.steps_per_execution = steps_per_execution
+        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+        with strategy.scope():
+            # Build the optimizer's slots now, in cross-replica context, rather
+            # than lazily inside the first replica step.
+            model.optimizer.build(model.trainable_variables)
+        self._train_steps = tf.function(self._train_steps_impl)
+        self._eval_steps = tf.function(self._eval_steps_impl)
+
+    # -- replica functions ---------------------------------------------------
+
+    def _sums(self, labels: tf.Tensor, probabilities: tf.Tensor, per_example_loss: tf.Tensor,
+              weights: Optional[tf.Tensor] = None) -> tf.Tensor:
+        predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        correct = tf.cast(tf.equal(predicted, labels), tf.float32)
+        if weights is None:
+            weights = tf.ones_like(correct)
+        return tf.stack([tf.reduce_sum(per_example_loss * weights), tf.reduce_sum(correct * weights),
+                         tf.reduce_sum(weights)])
+
+    def _replica_train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            probabilities = self.model(images, training=True)
+            per_example_loss = self.loss_fn(labels, probabilities)
+            loss = tf.reduce_sum(per_example_loss) / self.global_batch_size
+        variables = self.model.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        self.model.optimizer.apply_gradients(zip(gradients, variables))
+        return self._sums(labels, probabilities, per_example_loss)
+
+    def _replica_eval_step(self, images: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        probabilities = self.model(images, training=False)
+        return self._sums(labels, probabilities, self.loss_fn(labels, probabilities), weights)
+
+    # -- multi-step tf.functions ---------------------------------------------
+
+    def _train_steps_impl(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
+        totals = tf.zeros([3])
+        for _ in tf.range(num_steps):
+            images, labels = next(iterator)
+            per_replica = self.strategy.run(self._replica_train_step, args=(images, labels))
+            totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return totals
+
+    def _eval_steps_impl(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
+        totals = tf.zeros([3])
+        for _ in tf.range(num_steps):
+            images, labels, weights = next(iterator)
+            per_replica = self.strategy.run(self._replica_eval_step, args=(images, labels, weights))
+            totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return totals
+
+    def _run_chunks(self, step_fn, iterator, steps: int, progbar: Optional[keras.utils.Progbar] = None,
+                    prefix: str = "") -> dict:
+        totals = np.zeros(3)
+        done = 0
+        while done < steps:
+            count = min(self.steps_per_execution, steps - done)
+            totals += step_fn(iterator, tf.constant(count, tf.int32)).numpy()
+            done += count
+            if progbar is not None:
+                progbar.update(done, values=[(prefix + "loss", totals[0] / totals[2]),
+                                             (prefix + "accuracy", totals[1] / totals[2])])
+        return {prefix + "loss": float(totals[0] / totals[2]), prefix + "accuracy": float(totals[1] / totals[2])}
+
+    # -- public API -------------------------------------------------------------
+
+    def fit(
+        self,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        epochs: int,
+        seed: int = 1,
+        validation_data: Optional[tuple[np.ndarray, np.ndarray]] = None,
+        initial_epoch: int = 0,
+        callbacks: Sequence[EpochCallback] = (),
+        verbose: int = 1,
+    ) -> dict[str, list[float]]:
+        """Train epochs [initial_epoch, epochs); returns the history of those epochs."""
+        steps = data_lib.steps_per_epoch(len(x_train), self.global_batch_size)
+        history: dict[str, list[float]] = {}
+        if initial_epoch >= epochs:
+            return history
+        dataset = self.strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
+            x_train, y_train, self.global_batch_size, seed, epochs, initial_epoch))
+        iterator = iter(dataset)
+        stateful = ["loss", "accuracy", "val_loss", "val_accuracy"]
+        for epoch in range(initial_epoch, epochs):
+            if verbose:
+                print(f"Epoch {epoch + 1}/{epochs}", flush=True)
+            progbar = keras.utils.Progbar(steps, verbose=verbose, stateful_metrics=stateful)
+            logs = self._run_chunks(self._train_steps, iterator, steps, progbar)
+            if validation_data is not None:
+                logs.update(self.evaluate(*validation_data, prefix="val_"))
+            progbar.update(steps, values=list(logs.items()), finalize=True)
+            for key, value in logs.items():
+                history.setdefault(key, []).append(value)
+            for callback in callbacks:
+                callback(epoch, logs)
+        return history
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict[str, float]:
+        """Mean loss and accuracy over every example, reduced across all replicas and workers."""
+        dataset = self.strategy.distribute_datasets_from_function(
+            data_lib.eval_dataset_fn(images, labels, self.global_batch_size))
+        steps = data_lib.eval_steps(len(images), self.global_batch_size)
+        return self._run_chunks(self._eval_steps, iter(dataset), steps, prefix=prefix)
+
+
+def total_steps(num_examples: int, global_batch_size: int, epochs: int) -> int:
+    return data_lib.steps_per_epoch(num_examples, global_batch_size) * epochs
+
+
+def warmup_steps(num_examples: int, global_batch_size: int, warmup_epochs: float) -> int:
+    return int(math.ceil(data_lib.steps_per_epoch(num_examples, global_batch_size) * warmup_epochs))

@@ -1,0 +1,101 @@
+"""The three MNIST models, built with the Keras Functional API.
+
+Every model takes a batch of 28x28 images with raw pixel values in [0, 255]
+(any numeric dtype; float32 inside) and returns class probabilities: the first
+layer rescales to [0, 1] and the last one is a softmax. Keeping the scaling in
+the model means exported SavedModels and TFLite files take raw pixels too.
+
+Parameter counts: mlp 105,214; mlp_small 42,310; cnn 21,840.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import keras
+
+NUM_CLASSES = 10
+INPUT_SHAPE = (28, 28)
+
+
+def _check_positive_ints(name: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
+    values = tuple(values)
+    if (length is not None and len(values) != length) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        expected = f"{length} positive integers" if length else "positive integers"
+        raise ValueError(f"`{name}` must be {expected}. Received: {name}={values}")
+    return values
+
+
+def _inputs_and_scaled() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="pixels")
+    # Raw 0-255 pixels in, [0, 1] inside: one place knows the scale.
+    scaled = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    return inputs, scaled
+
+
+def _classifier(features: keras.KerasTensor) -> keras.KerasTensor:
+    return keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(features)
+
+
+def build_mlp(hidden_units: Sequence[int] = (120, 84), name: str = "mlp") -> keras.Model:
+    """784 -> hidden_units... -> 10 with ReLU; the seed `mlp` is 784-120-84-10."""
+    hidden_units = _check_positive_ints("hidden_units", hidden_units)
+    inputs, x = _inputs_and_scaled()
+    x = keras.layers.Flatten(name="flatten")(x)
+    for index, units in enumerate(hidden_units, start=1):
+        x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
+    return keras.Model(inputs, _classifier(x), name=name)
+
+
+def build_mlp_small(hidden_units: Sequence[int] = (50, 50), name: str = "mlp_small") -> keras.Model:
+    """784 -> 50 -> 50 -> 10 with ReLU."""
+    return build_mlp(hidden_units, name=name)
+
+
+def build_cnn(
+    filters: Sequence[int] = (10, 20), kernel_size: int = 5, dense_units: int = 50, name: str = "cnn",
+) -> keras.Model:
+    """conv 10@5x5, pool 2x2, conv 20@5x5, pool 2x2, flatten (320), dense 50, dense 10; ReLU."""
+    filters = _check_positive_ints("filters", filters, length=2)
+    (kernel_size,) = _check_positive_ints("kernel_size", (kernel_size,))
+    (dense_units,) = _check_positive_ints("dense_units", (dense_units,))
+    if kernel_size > 8:
+        raise ValueError(f"`kernel_size` must be <= 8 to fit two conv/pool stages in 28x28. "
+                         f"Received: kernel_size={kernel_size}")
+    inputs, x = _inputs_and_scaled()
+    x = keras.layers.Reshape((*INPUT_SHAPE, 1), name="add_channel")(x)
+    x = keras.layers.Conv2D(filters[0], kernel_size, activation="relu", name="conv_1")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool_1")(x)
+    x = keras.layers.Conv2D(filters[1], kernel_size, activation="relu", name="conv_2")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool_2")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(dense_units, activation="relu", name="dense_1")(x)
+    return keras.Model(inputs, _classifier(x), name=name)
+
+
+MODEL_BUILDERS: dict[str, Callable[..., keras.Model]] = {
+    "mlp": build_mlp,
+    "mlp_small": build_mlp_small,
+    "cnn": build_cnn,
+}
+
+
+def build_model(arch: str, **hyperparameters) -> keras.Model:
+    """Build (not compile) the model for `arch`, optionally with other layer sizes."""
+    if arch not in MODEL_BUILDERS:
+        raise ValueError(f"`arch` must be one of {', '.join(MODEL_BUILDERS)}. Received: arch={arch!r}")
+    return MODEL_BUILDERS[arch](**hyperparameters)
+
+
+def compile_model(
+    model: keras.Model,
+    learning_rate: Union[float, keras.optimizers.schedules.LearningRateSchedule] = 1e-3,
+) -> keras.Model:
+    """Adam + sparse categorical cross-entropy on probabilities + accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model

@@ -1,0 +1,148 @@
+"""Train one model end to end: data, strategy, the loop, the test report, the run folder.
+
+`run(config, data=None, strategy=None, output_dir=None)` is the whole job.
+Tests inject a tiny dataset and a strategy (as tensorflow/models' mnist_main
+does) so an end-to-end run takes seconds and never downloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from mnist_keras import artifacts
+from mnist_keras import data as data_lib
+from mnist_keras import loop as loop_lib
+from mnist_keras import models
+from mnist_keras import strategy as strategy_lib
+from mnist_keras.config import TrainConfig, config_to_dict
+
+logger = logging.getLogger(__name__)
+
+# A dry run trains and evaluates on this many global batches only.
+DRY_RUN_BATCHES = 2
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run produced. `output_dir` is None when nothing was written."""
+
+    model: keras.Model
+    history: dict
+    metrics: dict
+    config: TrainConfig
+    output_dir: Optional[Path]
+
+
+def _dry_run_subset(data: data_lib.MnistData, batch_size: int) -> data_lib.MnistData:
+    keep = batch_size * DRY_RUN_BATCHES
+    return dataclasses.replace(
+        data, x_train=data.x_train[:keep], y_train=data.y_train[:keep], x_val=data.x_val[:batch_size],
+        y_val=data.y_val[:batch_size], x_test=data.x_test[:batch_size], y_test=data.y_test[:batch_size])
+
+
+def build_compiled_model(config: TrainConfig, num_train_examples: int, strategy: tf.distribute.Strategy,
+                         **hyperparameters) -> keras.Model:
+    """The config's model, compiled with its learning-rate schedule, inside `strategy.scope()`."""
+    learning_rate = loop_lib.make_learning_rate(
+        config.learning_rate, config.lr_schedule,
+        total_steps=loop_lib.total_steps(num_train_examples, config.batch_size, config.epochs),
+        warmup_steps=loop_lib.warmup_steps(num_train_examples, config.batch_size, config.warmup_epochs))
+    with strategy.scope():
+        model = models.build_model(config.arch, **hyperparameters)
+        models.compile_model(model, learning_rate)
+    return model
+
+
+def run(
+    config: TrainConfig,
+    data: Optional[data_lib.MnistData] = None,
+    strategy: Optional[tf.distribute.Strategy] = None,
+    output_dir: Optional[Path | str] = None,
+) -> TrainResult:
+    """Train `config.arch`, evaluate on the test set, and write the run folder (if `output_dir`)."""
+    started = time.perf_counter()
+    # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
+    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices)
+    chief = strategy_lib.is_chief(strategy)
+    run_dir = None
+    if output_dir is not None and not config.dry_run and chief:
+        # Refuse before any expensive work, so a mistake costs nothing.
+        run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite)
+
+    if data is None:
+        data = data_lib.load_mnist(config.data_source, config.data_dir, config.validation_size, config.seed)
+    if config.dry_run:
+        data = _dry_run_subset(data, config.batch_size)
+        config = dataclasses.replace(config, epochs=1)
+    logger.info(data.summary())
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_compiled_model(config, len(data.x_train), strategy)
+    training = loop_lib.TrainingLoop(model, strategy, config.batch_size, config.steps_per_execution)
+
+    callbacks = []
+    if run_dir is not None:
+        callbacks.append(tensorboard_callback(run_dir / artifacts.LOGS_DIR))
+    validation = (data.x_val, data.y_val) if len(data.x_val) else None
+    train_started = time.perf_counter()
+    history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
+                           validation_data=validation, callbacks=callbacks, verbose=config.verbose)
+    train_seconds = time.perf_counter() - train_started
+    test = training.evaluate(data.x_test, data.y_test)
+
+    metrics = {
+        "arch": config.arch,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "parameters": model.count_params(),
+        "train_examples": len(data.x_train),
+        "validation_examples": len(data.x_val),
+        "test_examples": len(data.x_test),
+        "data_source": data.source,
+        "strategy": strategy_lib.strategy_name(strategy),
+        "replicas": strategy.num_replicas_in_sync,
+        "seed": config.seed,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "python_version": platform.python_version(),
+    }
+    logger.info("Test accuracy %.4f, loss %.4f, training %.1f s",
+                metrics["test_accuracy"], metrics["test_loss"], train_seconds)
+    if run_dir is not None:
+        write_run(run_dir, model, config, history, metrics)
+    return TrainResult(model, history, metrics, config, run_dir)
+
+
+def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: dict, metrics: dict) -> None:
+    """Model, config, history, then metrics.json last (it marks the run finished)."""
+    artifacts.save_keras_model(model, run_dir / artifacts.MODEL_FILE)
+    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, config_to_dict(config))
+    artifacts.write_json(run_dir / artifacts.HISTORY_FILE, history)
+    artifacts.write_json(run_dir / artifacts.METRICS_FILE, metrics)
+    logger.info("Wrote %s", run_dir)
+
+
+def tensorboard_callback(log_dir: Path) -> loop_lib.EpochCallback:
+    """Epoch scalars for TensorBoard (`tensorboard --logdir saved_models`)."""
+    writer = tf.summary.create_file_writer(str(log_dir))
+
+    def write(epoch: int, logs: dict) -> None:
+        with writer.as_default(step=epoch + 1):
+            for name, value in logs.items():
+                split = "validation" if name.startswith("val_") else "train"
+                tf.summary.scalar(f"{split}/{name.removeprefix('val_')}", value)
+        writer.flush()
+
+    return write

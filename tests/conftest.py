@@ -1,0 +1,72 @@
+"""Shared fixtures. Two logical CPU devices are configured before TensorFlow starts,
+so MirroredStrategy can be tested on a machine without GPUs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mnist_keras import data as data_lib  # noqa: E402
+from mnist_keras.strategy import configure_logical_cpus  # noqa: E402
+
+configure_logical_cpus(2)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains on the real MNIST (needs MNIST_DATA_DIR)")
+
+
+@pytest.fixture(scope="session")
+def real_mnist_dir() -> Path:
+    """The real MNIST folder from $MNIST_DATA_DIR. Missing: skip locally, fail under CI."""
+    folder = os.environ.get(data_lib.DATA_DIR_ENV)
+    if not folder or not Path(folder).is_dir():
+        message = f"real MNIST not found: set {data_lib.DATA_DIR_ENV} (e.g. ../shared/mnist)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def real_mnist(real_mnist_dir) -> data_lib.MnistData:
+    return data_lib.load_mnist("local", str(real_mnist_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist() -> data_lib.MnistData:
+    """Synthetic, learnable, 512 train / 128 validation / 128 test images."""
+    return data_lib.synthetic_mnist(train_size=512, validation_size=128, test_size=128, seed=0)
+
+
+@pytest.fixture()
+def mirrored_strategy() -> tf.distribute.Strategy:
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def trained_run_dirs(real_mnist, tmp_path_factory) -> dict:
+    """Lazily train the default preset of an architecture on real MNIST, once per test session.
+
+    `trained_run_dirs["cnn"]` is the run folder of a default `train.py --arch cnn`; slow tests of
+    export, evaluation and prediction share it instead of training again.
+    """
+    from mnist_keras import config as config_lib, train
+
+    class Runs(dict):
+        def __missing__(self, arch):
+            folder = tmp_path_factory.mktemp("runs") / arch
+            config = config_lib.preset_config(config_lib.TrainConfig, config_lib.TRAIN_PRESETS, arch, verbose=0)
+            train.run(config, data=real_mnist, output_dir=folder)
+            self[arch] = folder
+            return folder
+
+    return Runs()

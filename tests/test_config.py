@@ -1,0 +1,53 @@
+import argparse
+import dataclasses
+
+import pytest
+
+from mnist_keras import config as config_lib
+from mnist_keras.config import ConfigError, TrainConfig
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    config_lib.add_config_flags(parser, TrainConfig, config_lib.TRAIN_PRESETS)
+    return config_lib.config_from_flags(TrainConfig, parser.parse_args(argv), config_lib.TRAIN_PRESETS)
+
+
+def test_every_field_has_a_flag():
+    parser = argparse.ArgumentParser()
+    config_lib.add_config_flags(parser, TrainConfig)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for field in dataclasses.fields(TrainConfig):
+        assert config_lib.flag_name(field.name) in flags
+
+
+def test_presets_fill_in_per_arch_defaults():
+    for arch, preset in config_lib.TRAIN_PRESETS.items():
+        config = parse(["--arch", arch])
+        for key, value in preset.items():
+            assert getattr(config, key) == value
+
+
+def test_flags_override_presets():
+    config = parse(["--arch", "mlp", "--epochs", "3", "--devices", "/cpu:0,/cpu:1", "--overwrite"])
+    assert (config.arch, config.epochs, config.devices, config.overwrite) == ("mlp", 3, ("/cpu:0", "/cpu:1"), True)
+    assert config.batch_size == config_lib.TRAIN_PRESETS["mlp"]["batch_size"]
+
+
+def test_config_is_frozen_and_round_trips():
+    config = parse(["--arch", "cnn", "--devices", "/cpu:0"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3
+    assert config_lib.config_from_dict(TrainConfig, config_lib.config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    ({"epochs": 0}, "--epochs"),
+    ({"batch_size": -1}, "--batch-size"),
+    ({"learning_rate": 0.0}, "--learning-rate"),
+    ({"validation_size": 60_000}, "--validation-size"),
+    ({"arch": "resnet"}, "--arch"),
+])
+def test_bad_values_name_the_flag(overrides, flag):
+    with pytest.raises(ConfigError, match=f"{flag} must .* Received"):
+        TrainConfig(**overrides)
