@@ -15,11 +15,14 @@ setup(
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # LiteRT's Interpreter runs (and so scores) the exported .tflite files.
+        "export": ["ai-edge-litert>=2.1"],
+        "dev": ["pytest>=8", "ai-edge-litert>=2.1"],
     },
     entry_points={
         "console_scripts": [
             "mnist-keras-train=mnist_keras.cli:train_main",
+            "mnist-keras-export=mnist_keras.cli:export_main",
         ],
     },
 )

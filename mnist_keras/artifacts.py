@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +112,22 @@ class LoadedModel:
     """A trained model in any of the project's formats, behind one `predict`.
 
     `predict(images)` takes (N, 28, 28) raw pixels 0-255 (any numeric dtype)
-    and returns (N, 10) float32 class probabilities.
+    and returns (N, 10) float32 class probabilities. `inputs` / `outputs`
+    describe the format's own tensors (name, dtype, shape).
     """
 
-    def __init__(self, path: Path, format: str, predict_fn, description: str = "") -> None:
+    def __init__(self, path: Path, format: str, predict_fn, description: str = "", model: Any = None,
+                 inputs: Optional[dict] = None, outputs: Optional[dict] = None) -> None:
         self.path = path
         self.format = format
         self._predict_fn = predict_fn
         self.description = description or f"{format} model {path}"
+        # The object underneath: a keras.Model, a loaded SavedModel, or a LiteRT Interpreter.
+        self.model = model
+        # {"name", "dtype", "shape"} of the single input and output, as the format itself declares
+        # them (shape as a list, None for a dynamic dimension).
+        self.inputs = inputs or {}
+        self.outputs = outputs or {}
 
     def predict(self, images, batch_size: int = 1024):
         import numpy as np
@@ -182,7 +190,9 @@ def _load_keras(path: Path) -> LoadedModel:
     if tuple(model.input_shape[1:]) != (28, 28) or model.output_shape[-1] != 10:
         raise ValueError(f"{path}: expected a model from 28x28 images to 10 classes. "
                          f"Received: {model.input_shape} -> {model.output_shape}")
-    return LoadedModel(path, "keras", lambda x: model.predict_on_batch(x), f"Keras model {path.name}")
+    return LoadedModel(path, "keras", lambda x: model.predict_on_batch(x), f"Keras model {path.name}", model,
+                       _describe(model.inputs[0].name, model.inputs[0].dtype, model.input_shape),
+                       _describe(model.outputs[0].name, model.outputs[0].dtype, model.output_shape))
 
 
 def _load_saved_model(path: Path) -> LoadedModel:
@@ -196,12 +206,15 @@ def _load_saved_model(path: Path) -> LoadedModel:
                          f"({_first_line(error)})") from None
     (input_name, input_spec), = signature.structured_input_signature[1].items()
     output_name = next(iter(signature.structured_outputs))
+    output_spec = signature.structured_outputs[output_name]
 
     def predict(images):
         outputs = signature(**{input_name: tf.cast(tf.constant(images), input_spec.dtype)})
         return outputs[output_name].numpy()
 
-    return LoadedModel(path, "saved_model", predict, f"SavedModel {path.name}")
+    return LoadedModel(path, "saved_model", predict, f"SavedModel {path.name}", loaded,
+                       _describe(input_name, input_spec.dtype.name, input_spec.shape.as_list()),
+                       _describe(output_name, output_spec.dtype.name, output_spec.shape.as_list()))
 
 
 def _load_tflite(path: Path) -> LoadedModel:
@@ -218,22 +231,62 @@ def _load_tflite(path: Path) -> LoadedModel:
     input_dtype = input_detail["dtype"]
     in_scale, in_zero = input_detail["quantization"]
     out_scale, out_zero = output_detail["quantization"]
-    state = {"batch": int(input_detail["shape"][0])}
+    state = {"batch": int(input_detail["shape"][0]), "resizable": True}
+
+    def resize(batch: int) -> None:
+        interpreter.resize_tensor_input(input_detail["index"], [batch, 28, 28])
+        interpreter.allocate_tensors()
+        state["batch"] = batch
+
+    def run(images):
+        interpreter.set_tensor(input_detail["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(output_detail["index"])
 
     def predict(images):
         if input_dtype in (np.int8, np.uint8) and in_scale:
             info = np.iinfo(input_dtype)
             images = np.clip(np.round(images / in_scale + in_zero), info.min, info.max)
         images = images.astype(input_dtype)
-        if len(images) != state["batch"]:
-            interpreter.resize_tensor_input(input_detail["index"], [len(images), 28, 28])
-            interpreter.allocate_tensors()
-            state["batch"] = len(images)
-        interpreter.set_tensor(input_detail["index"], images)
-        interpreter.invoke()
-        output = interpreter.get_tensor(output_detail["index"])
+        output = None
+        if len(images) != state["batch"] and state["resizable"]:
+            try:
+                resize(len(images))
+                output = run(images)
+            except (RuntimeError, ValueError) as error:
+                # A model converted with a fixed batch size (and reshapes baked for it) can refuse
+                # another one: go back to its own batch size and feed it that many at a time.
+                logger.info("%s: cannot resize the batch to %d (%s); feeding %d at a time",
+                            path.name, len(images), _first_line(error), fixed_batch)
+                state["resizable"] = False
+                resize(fixed_batch)
+        if output is None:
+            if len(images) == state["batch"]:
+                output = run(images)
+            else:
+                chunks = []
+                for start in range(0, len(images), state["batch"]):
+                    chunk = images[start:start + state["batch"]]
+                    padding = state["batch"] - len(chunk)
+                    if padding:
+                        chunk = np.concatenate([chunk, np.zeros((padding, 28, 28), chunk.dtype)])
+                    chunks.append(run(chunk)[:state["batch"] - padding].copy())
+                output = np.concatenate(chunks)
         if output_detail["dtype"] in (np.int8, np.uint8) and out_scale:
             output = (output.astype(np.float32) - out_zero) * out_scale
         return output.astype(np.float32)
 
-    return LoadedModel(path, "tflite", predict, f"TFLite model {path.name} ({np.dtype(input_dtype).name} input)")
+    fixed_batch = max(state["batch"], 1)
+    return LoadedModel(path, "tflite", predict, f"TFLite model {path.name} ({np.dtype(input_dtype).name} input)",
+                       interpreter,
+                       _describe(input_detail["name"], input_dtype, input_detail["shape_signature"]),
+                       _describe(output_detail["name"], output_detail["dtype"], output_detail["shape_signature"]))
+
+
+def _describe(name: str, dtype: Any, shape) -> dict:
+    """{"name", "dtype", "shape"} with dynamic dimensions (None or -1) as None, JSON-ready."""
+    import numpy as np
+
+    dtype_name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    return {"name": str(name), "dtype": dtype_name,
+            "shape": [None if d is None or int(d) < 0 else int(d) for d in shape]}

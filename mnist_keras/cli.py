@@ -73,4 +73,43 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
           f"{metrics['epochs']} epochs in {metrics['train_seconds']:.1f} s")
     if result.output_dir is not None:
         print(f"Saved to {result.output_dir}")
+    if result.export is not None:
+        _print_export_table(result.export)
     return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export.py",
+        description="Export a trained model beside it (export/): a SavedModel and TFLite files "
+                    "(fp32, dynamic, float16, int8), each loaded back and scored on the test set; "
+                    "sizes and accuracies go to export/export.json.")
+    config_lib.add_config_flags(parser, config_lib.ExportConfig)
+    return parser
+
+
+@_entry_point
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python scripts/export.py --arch cnn`"""
+    args = export_parser().parse_args(argv)
+    config = config_lib.config_from_flags(config_lib.ExportConfig, args)
+    _setup_logging(config.verbose)
+
+    from mnist_keras import artifacts, export
+
+    model_path = config.model or artifacts.default_run_dir(config.arch) / artifacts.MODEL_FILE
+    output_dir = config.output_dir or export.default_export_dir(model_path)
+    result = export.export_model(config, model_path, output_dir)
+    _print_export_table(result)
+    return 0
+
+
+def _print_export_table(result) -> None:
+    keras_accuracy = result.keras["accuracy"]
+    print(f"{'artifact':<16} {'bytes':>10} {'input':<22} {'accuracy':>9} {'change':>8}")
+    print(f"{'keras':<16} {result.keras['bytes']:>10,} {'float32 [None,28,28]':<22} {keras_accuracy:>9.4f}")
+    for name, record in result.artifacts.items():
+        shape = ",".join("None" if d is None else str(d) for d in record["input"]["shape"])
+        print(f"{name:<16} {record['bytes']:>10,} {record['input']['dtype'] + ' [' + shape + ']':<22} "
+              f"{record['accuracy']:>9.4f} {record['accuracy_change_points']:>+7.2f}p")
+    print(f"Saved to {result.output_dir}")

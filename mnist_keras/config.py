@@ -24,6 +24,10 @@ ARCHITECTURES = ("mlp", "mlp_small", "cnn")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 DATA_SOURCES = ("auto", "local", "keras", "tfds")
 LR_SCHEDULES = ("cosine", "constant")
+# TFLite variants the export writes: float32, dynamic-range (int8 weights, float
+# activations), float16 weights, and full-integer int8 (int8/uint8 input and output).
+TFLITE_VARIANTS = ("fp32", "dynamic", "float16", "int8")
+INT8_IO_TYPES = ("int8", "uint8")
 
 
 class ConfigError(ValueError):
@@ -70,6 +74,8 @@ class TrainConfig:
                                      metavar="DIR")
     output_dir: Optional[str] = option(None, "Run folder. Default: saved_models/<arch>.", metavar="DIR")
     overwrite: bool = option(False, "Replace an existing finished run in the output folder.")
+    export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel and "
+                          "every TFLite variant, each loaded back and scored on the test set.")
     dry_run: bool = option(False, "Train and evaluate on a few batches only, and write nothing.")
     verbose: int = option(1, "0: quiet, 1: progress bar per epoch.")
 
@@ -84,6 +90,44 @@ class TrainConfig:
         check_range("warmup_epochs", self.warmup_epochs, minimum=0.0)
         check_range("validation_size", self.validation_size, minimum=0, maximum=59_000)
         check_range("steps_per_execution", self.steps_per_execution, minimum=1)
+        check_range("seed", self.seed, minimum=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Everything that decides an export: which model, which TFLite variants, where, and the data
+    used for int8 calibration (training images) and scoring (the full test set)."""
+
+    arch: str = option("cnn", "Architecture whose run folder saved_models/<arch>/ holds the model "
+                       "(ignored with --model).", choices=ARCHITECTURES)
+    model: Optional[str] = option(None, "The .keras file (or run folder) to export. "
+                                  "Default: saved_models/<arch>/model.keras.", metavar="PATH")
+    output_dir: Optional[str] = option(None, "Export folder. Default: export/ beside the model.", metavar="DIR")
+    tflite: tuple = option(TFLITE_VARIANTS, "Comma-separated TFLite variants to write (\"\" for none). "
+                           f"Default: {','.join(TFLITE_VARIANTS)}.", metavar="VARIANT[,...]")
+    int8_io: str = option("int8", "Input and output type of the full-integer TFLite model.",
+                          choices=INT8_IO_TYPES)
+    calibration_size: int = option(1000, "Training images (a seeded random sample) that calibrate the int8 model.")
+    seed: int = option(1, "Seed of the calibration sample.")
+    data_source: str = option("auto", "Where MNIST comes from (calibration and scoring). auto: --data-dir or "
+                              "MNIST_DATA_DIR when set, else Keras' download cache.", choices=DATA_SOURCES)
+    data_dir: Optional[str] = option(None, "Folder with the four MNIST IDX files (.gz or raw) or mnist.npz; "
+                                     "with --data-source tfds, TFDS's data_dir. Default: $MNIST_DATA_DIR.",
+                                     metavar="DIR")
+    overwrite: bool = option(False, "Replace an existing export in the output folder.")
+    verbose: int = option(1, "0: quiet, 1: log each step.")
+
+    def __post_init__(self) -> None:
+        check_choice("arch", self.arch, ARCHITECTURES)
+        check_choice("int8_io", self.int8_io, INT8_IO_TYPES)
+        check_choice("data_source", self.data_source, DATA_SOURCES)
+        unknown = [variant for variant in self.tflite if variant not in TFLITE_VARIANTS]
+        if unknown:
+            raise ConfigError(f"--tflite variants must be among {', '.join(TFLITE_VARIANTS)}. "
+                              f"Received: {unknown[0]!r}")
+        if len(set(self.tflite)) != len(self.tflite):
+            raise ConfigError(f"--tflite names a variant twice. Received: {','.join(self.tflite)}")
+        check_range("calibration_size", self.calibration_size, minimum=1)
         check_range("seed", self.seed, minimum=0)
 
 

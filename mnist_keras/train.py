@@ -19,10 +19,11 @@ import tensorflow as tf
 
 from mnist_keras import artifacts
 from mnist_keras import data as data_lib
+from mnist_keras import export as export_lib
 from mnist_keras import loop as loop_lib
 from mnist_keras import models
 from mnist_keras import strategy as strategy_lib
-from mnist_keras.config import TrainConfig, config_to_dict
+from mnist_keras.config import ExportConfig, TrainConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class TrainResult:
     metrics: dict
     config: TrainConfig
     output_dir: Optional[Path]
+    export: Optional[export_lib.ExportResult] = None  # With config.export: what the export wrote.
 
 
 def _dry_run_subset(data: data_lib.MnistData, batch_size: int) -> data_lib.MnistData:
@@ -120,9 +122,22 @@ def run(
     }
     logger.info("Test accuracy %.4f, loss %.4f, training %.1f s",
                 metrics["test_accuracy"], metrics["test_loss"], train_seconds)
+    exported = None
     if run_dir is not None:
         write_run(run_dir, model, config, history, metrics)
-    return TrainResult(model, history, metrics, config, run_dir)
+        if config.export:
+            exported = export_run(run_dir, config, data)
+    return TrainResult(model, history, metrics, config, run_dir, exported)
+
+
+def export_run(run_dir: Path, config: TrainConfig, data: data_lib.MnistData) -> export_lib.ExportResult:
+    """Export a just-written run into <run_dir>/export/ (all TFLite variants), reusing its data:
+    int8 calibration draws from the run's training images, scoring uses the full test set."""
+    export_config = ExportConfig(arch=config.arch, model=str(run_dir / artifacts.MODEL_FILE),
+                                 output_dir=str(run_dir / export_lib.EXPORT_DIR), seed=config.seed,
+                                 data_source=config.data_source, data_dir=config.data_dir,
+                                 overwrite=config.overwrite, verbose=config.verbose)
+    return export_lib.export_model(export_config, export_config.model, export_config.output_dir, data=data)
 
 
 def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: dict, metrics: dict) -> None:
