@@ -103,8 +103,8 @@ class ExportConfig:
     model: Optional[str] = option(None, "The .keras file (or run folder) to export. "
                                   "Default: saved_models/<arch>/model.keras.", metavar="PATH")
     output_dir: Optional[str] = option(None, "Export folder. Default: export/ beside the model.", metavar="DIR")
-    tflite: tuple = option(TFLITE_VARIANTS, "Comma-separated TFLite variants to write (\"\" for none). "
-                           f"Default: {','.join(TFLITE_VARIANTS)}.", metavar="VARIANT[,...]")
+    tflite: tuple = option(TFLITE_VARIANTS, "Comma-separated TFLite variants to write, among "
+                           f"{', '.join(TFLITE_VARIANTS)} (\"\" for none).", metavar="VARIANT[,...]")
     int8_io: str = option("int8", "Input and output type of the full-integer TFLite model.",
                           choices=INT8_IO_TYPES)
     calibration_size: int = option(1000, "Training images (a seeded random sample) that calibrate the int8 model.")
@@ -213,7 +213,8 @@ def add_config_flags(
             shown = ", ".join(f"{arch} {value}" for arch, value in per_arch.items())
             help_text += f" (default: {shown})"
         elif base is not bool and field.default not in (None, ()):
-            help_text += f" (default: {field.default})"
+            shown = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+            help_text += f" (default: {shown})"
         kwargs: dict = {"default": None, "help": help_text, "dest": field.name}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
