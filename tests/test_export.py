@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, cli, config as config_lib, export, models, train
+from mnist_keras import artifacts, cli, config as config_lib, export, models
 from tests.test_cli import assert_one_line_error, run_script
+from tests.test_data import make_folder
 
 TFLITE_NAMES = [f"tflite_{variant}" for variant in config_lib.TFLITE_VARIANTS]
 
@@ -155,14 +156,22 @@ def test_tflite_with_a_fixed_batch_is_fed_one_image_at_a_time(tmp_path, caplog):
     assert len(loaded.predict(images[:3])) == 3
 
 
-def test_train_with_export_flag_exports_the_run(tiny_mnist, tmp_path):
-    config = config_lib.TrainConfig(arch="mlp_small", epochs=1, batch_size=64, validation_size=128,
-                                    export=True, verbose=0)
-    result = train.run(config, data=tiny_mnist, output_dir=tmp_path / "run")
+def test_train_with_export_flag_exports_the_run(tmp_path, capsys):
+    """`train.py --export`, in-process through the CLI entry point, on a tiny IDX folder."""
+    make_folder(tmp_path / "data", train=96, test=32)
+    code = cli.train_main(["--arch", "mlp_small", "--epochs", "1", "--batch-size", "32", "--validation-size", "32",
+                           "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
+                           "--export", "--verbose", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in ["saved_model", *TFLITE_NAMES]), printed
     report = json.loads((tmp_path / "run" / "export" / export.EXPORT_FILE).read_text())
     assert list(report["artifacts"]) == ["saved_model", *TFLITE_NAMES]
-    assert report["keras"]["accuracy"] == pytest.approx(result.metrics["test_accuracy"], abs=1e-6)
-    assert result.export.output_dir == tmp_path / "run" / "export"
+    assert report["test_examples"] == 32
+    assert report["calibration_examples"] == 64  # All the run's training images (96 - 32 validation).
+    metrics = json.loads((tmp_path / "run" / artifacts.METRICS_FILE).read_text())
+    assert report["keras"]["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert json.loads((tmp_path / "run" / artifacts.CONFIG_FILE).read_text())["export"] is True
 
 
 def test_unknown_tflite_variant_is_a_config_error():
