@@ -15,11 +15,14 @@ setup(
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # keras-tuner searches (scripts/tune.py); the bayesian tuner needs scipy and scikit-learn.
+        "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],
+        "dev": ["pytest>=8", "keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],
     },
     entry_points={
         "console_scripts": [
             "mnist-keras-train=mnist_keras.cli:train_main",
+            "mnist-keras-tune=mnist_keras.cli:tune_main",
         ],
     },
 )
