@@ -418,6 +418,10 @@ def run(
     if strategy_lib.strategy_name(strategy) == "multi_worker":
         raise ConfigError("--strategy: a search runs in one process; multi-worker training is not supported. "
                           "Received: multi_worker (TF_CONFIG is set)")
+    if config.batch_size % strategy.num_replicas_in_sync:
+        # Checked here, not in every trial, so that it is one usage error rather than N failed trials.
+        raise ConfigError(f"--batch-size must be a multiple of the {strategy.num_replicas_in_sync} replicas. "
+                          f"Received: {config.batch_size}")
     resuming = prepare_search_dir(output_dir, config)
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, config.validation_size, config.seed)

@@ -6,7 +6,11 @@ runs 3 trials x 1 epoch of mlp_small on real MNIST (about a minute on 2 cores).
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ import tensorflow as tf
 from mnist_keras import artifacts, cli, loop, models, tune
 from mnist_keras import data as data_lib
 from mnist_keras.config import ConfigError, TuneConfig
+from tests.conftest import REPO_ROOT
 from tests.test_cli import assert_one_line_error, run_script
 from tests.test_data import make_folder
 
@@ -217,3 +222,30 @@ def test_real_mnist_search_finds_at_least_the_seed(real_mnist, tmp_path):
     assert result.best["best_trial"]["val_accuracy"] >= result.seed_trial["val_accuracy"] > 0.9
     assert result.best["retrained"]["test_accuracy"] > 0.9
     assert result.best["retrained"]["train_examples"] == 60_000
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_from_the_command_line(tmp_path):
+    """A real SIGKILL during trial 2, then the same command again (synthetic IDX files; about 30 s)."""
+    make_folder(tmp_path / "data", train=160)
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO_ROOT / "scripts/tune.py"), "--arch", "mlp_small", "--max-trials", "3",
+               "--epochs", "1", "--batch-size", "16", "--validation-size", "32",
+               "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--verbose", "0"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "tuner/trial_1").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = json.loads((out / "tuner/trial_0/timing.json").read_text())
+    assert not (out / "best.json").exists()
+
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    trials = json.loads((out / "trials.json").read_text())
+    assert [t["trial_id"] for t in trials] == ["0", "1", "2"]
+    assert json.loads((out / "tuner/trial_0/timing.json").read_text()) == first  # not trained again
+    assert trials[0]["finished_at"] < trials[1]["started_at"] < trials[2]["started_at"]
+    assert (out / "best.json").exists() and (out / "best/metrics.json").exists()
