@@ -1,5 +1,12 @@
 from setuptools import find_packages, setup
 
+# Optional features, each its own extra; `dev` is everything the tests need.
+EXTRAS = {
+    # keras-tuner searches (scripts/tune.py); the bayesian tuner needs scipy and scikit-learn.
+    "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],
+}
+EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for extra in EXTRAS.values() for requirement in extra)})
+
 setup(
     name="mnist_keras",
     version="0.1.0",
@@ -13,16 +20,15 @@ setup(
         "numpy>=1.26",
         # TF 2.21 no longer pulls TensorBoard in; the run folders carry its logs.
         "tensorboard>=2.21,<2.22",
+        # LiteRT's Interpreter runs the exported .tflite files (export checks, evaluate, predict).
+        "ai-edge-litert>=2.1",
     ],
-    extras_require={
-        # LiteRT's Interpreter runs (and so scores) the exported .tflite files.
-        "export": ["ai-edge-litert>=2.1"],
-        "dev": ["pytest>=8", "ai-edge-litert>=2.1"],
-    },
+    extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "mnist-keras-train=mnist_keras.cli:train_main",
             "mnist-keras-export=mnist_keras.cli:export_main",
+            "mnist-keras-tune=mnist_keras.cli:tune_main",
         ],
     },
 )

@@ -113,3 +113,72 @@ def _print_export_table(result) -> None:
         print(f"{name:<16} {record['bytes']:>10,} {record['input']['dtype'] + ' [' + shape + ']':<22} "
               f"{record['accuracy']:>9.4f} {record['accuracy_change_points']:>+7.2f}p")
     print(f"Saved to {result.output_dir}")
+
+
+TUNE_SPACES_HELP = """\
+search spaces (every width and the learning rate sampled on a log scale; the
+seed, i.e. the fixed model with its preset learning rate, is always trial 1):
+  mlp        units_1, units_2 in [--min-units, --max-units]     seed 120, 84
+             learning_rate in [--min-learning-rate, --max-learning-rate]  seed 1e-3
+  mlp_small  units_1, units_2 in [--min-units, --max-units]     seed 50, 50
+             learning_rate                                       seed 1e-2
+  cnn        filters_1, filters_2 in [--min-filters, --max-filters]  seed 10, 20
+             dense_units in [--min-units, --max-units]           seed 50
+             learning_rate                                       seed 4e-3
+The objective is validation accuracy on the split carved from the training set;
+the test set is used once, on the winner retrained on train+validation.
+Re-running the same command resumes an unfinished search."""
+
+
+def tune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TUNE_SPACES_HELP,
+        description="Search layer sizes and the learning rate with keras-tuner; write saved_models/tune/<arch>/ "
+                    "(tuner/, trials.json, best.json, and best/: the winner retrained like train.py).")
+    config_lib.add_config_flags(parser, config_lib.TuneConfig)
+    return parser
+
+
+def _trials_table(trials: Sequence[dict], top: int = 5) -> str:
+    """The `top` completed trials by validation accuracy, as a fixed-width table."""
+    completed = sorted((t for t in trials if t["status"] == "COMPLETED"),
+                       key=lambda t: (-t["val_accuracy"], int(t["trial_id"])))[:top]
+    names = list(completed[0]["hyperparameters"]) if completed else []
+    header = ["trial", "val_acc", "epochs", "seconds", *names, ""]
+    rows = []
+    for trial in completed:
+        values = [f"{v:.2e}" if isinstance(v, float) else str(v) for v in trial["hyperparameters"].values()]
+        rows.append([str(int(trial["trial_id"]) + 1), f"{trial['val_accuracy']:.4f}", str(trial["epochs"]),
+                     f"{trial['wall_seconds'] or 0:.1f}", *values, "seed" if trial["seed_configuration"] else ""])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+@_entry_point
+def tune_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python scripts/tune.py --arch mlp --tuner random --max-trials 10 --epochs 3`"""
+    args = tune_parser().parse_args(argv)
+    config = config_lib.config_from_flags(config_lib.TuneConfig, args)
+    _setup_logging(config.verbose)
+
+    from mnist_keras import artifacts, tune
+
+    output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
+    try:
+        result = tune.run(config, output_dir=output_dir)
+    except tune.SearchFailedError as error:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras-tune"
+        print(f"{prog}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    best, seed, retrained = result.best["best_trial"], result.seed_trial, result.best["retrained"]
+    print(f"Top trials of {len(result.trials)} ({config.tuner} search of {config.arch}, "
+          f"objective: validation accuracy):")
+    print(_trials_table(result.trials))
+    seed_text = f"{seed['val_accuracy']:.4f}" if seed else "not run"
+    print(f"Best trial {int(best['trial_id']) + 1}: validation accuracy {best['val_accuracy']:.4f} "
+          f"(seed configuration {seed_text})")
+    print(f"Retrained on train+validation for {retrained['epochs']} epochs: "
+          f"test accuracy {retrained['test_accuracy']:.4f}")
+    print(f"Saved to {result.output_dir} (best model: {result.output_dir / retrained['run_dir']})")
+    return 0

@@ -131,6 +131,73 @@ class ExportConfig:
         check_range("seed", self.seed, minimum=0)
 
 
+TUNERS = ("random", "hyperband", "bayesian")
+# A search runs trials one after another in one process: multi-worker is not offered.
+TUNE_STRATEGIES = ("auto", "default", "one_device", "mirrored")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """A keras-tuner search over layer sizes and the learning rate, then the winner retrained.
+
+    Every trial trains like `train.py` (same data split, schedule, loop and
+    strategy) with `epochs` epochs, scored by validation accuracy. The search
+    space bounds must contain the architecture's seed values (the fixed models),
+    which are always the first trial.
+    """
+
+    arch: str = option("mlp", "Model architecture to tune.", choices=ARCHITECTURES)
+    tuner: str = option("random", "Search algorithm (hyperband: --epochs is the most any trial trains).",
+                        choices=TUNERS)
+    max_trials: int = option(10, "Most trials to run (hyperband may stop earlier).")
+    epochs: int = option(3, "Training epochs per trial, and for the retrained winner.")
+    batch_size: int = option(128, "Global batch size (split across all replicas).")
+    lr_schedule: str = option("cosine", "Learning-rate schedule of every trial.", choices=LR_SCHEDULES)
+    warmup_epochs: float = option(0.5, "Epochs of linear learning-rate warmup (cosine schedule only).")
+    min_units: int = option(16, "Smallest width of a tuned dense layer (MLP hidden layers, CNN dense layer).")
+    max_units: int = option(512, "Largest width of a tuned dense layer.")
+    min_filters: int = option(4, "Fewest filters of a tuned CNN convolution.")
+    max_filters: int = option(64, "Most filters of a tuned CNN convolution.")
+    min_learning_rate: float = option(1e-4, "Smallest peak learning rate (sampled on a log scale).")
+    max_learning_rate: float = option(3e-2, "Largest peak learning rate.")
+    validation_size: int = option(5000, "Images carved from the training set for validation (the objective).")
+    seed: int = option(1, "Random seed for the tuner, weights, the validation split and shuffling.")
+    steps_per_execution: int = option(100, "Training steps run per tf.function call.")
+    strategy: str = option("auto", "tf.distribute strategy for every trial (single worker).",
+                           choices=TUNE_STRATEGIES)
+    devices: tuple = option((), "Comma-separated devices for one_device/mirrored, e.g. /gpu:0,/gpu:1.",
+                            metavar="DEV[,DEV...]")
+    data_source: str = option("auto", "Where MNIST comes from (as for train.py).", choices=DATA_SOURCES)
+    data_dir: Optional[str] = option(None, "Folder with the MNIST files. Default: $MNIST_DATA_DIR.", metavar="DIR")
+    output_dir: Optional[str] = option(None, "Search folder. Default: saved_models/tune/<arch>.", metavar="DIR")
+    overwrite: bool = option(False, "Delete a previous search in the output folder and start again "
+                             "(without it, an unfinished search resumes).")
+    verbose: int = option(1, "0: quiet, 1: one line per trial, 2: also a progress bar per epoch.")
+
+    def __post_init__(self) -> None:
+        check_choice("arch", self.arch, ARCHITECTURES)
+        check_choice("tuner", self.tuner, TUNERS)
+        check_choice("strategy", self.strategy, TUNE_STRATEGIES)
+        check_choice("data_source", self.data_source, DATA_SOURCES)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("max_trials", self.max_trials, minimum=1)
+        check_range("epochs", self.epochs, minimum=1)
+        check_range("batch_size", self.batch_size, minimum=1)
+        check_range("warmup_epochs", self.warmup_epochs, minimum=0.0)
+        check_range("min_units", self.min_units, minimum=1)
+        check_range("max_units", self.max_units, minimum=self.min_units)
+        check_range("min_filters", self.min_filters, minimum=1)
+        check_range("max_filters", self.max_filters, minimum=self.min_filters)
+        check_range("min_learning_rate", self.min_learning_rate, minimum=0.0, exclusive=True)
+        check_range("max_learning_rate", self.max_learning_rate, minimum=self.min_learning_rate)
+        check_range("max_learning_rate", self.max_learning_rate, maximum=1.0)
+        # A validation split is the objective: it cannot be empty.
+        check_range("validation_size", self.validation_size, minimum=1, maximum=59_000)
+        check_range("steps_per_execution", self.steps_per_execution, minimum=1)
+        check_range("seed", self.seed, minimum=0)
+        check_range("verbose", self.verbose, minimum=0, maximum=2)
+
+
 # Per-architecture defaults, chosen for accuracy within a minute of training on
 # two CPU cores (the README's results table says what they reach). The MLPs use
 # their published learning rates as the peak of the cosine schedule; the CNN

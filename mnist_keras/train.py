@@ -12,7 +12,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import keras
 import tensorflow as tf
@@ -68,8 +68,15 @@ def run(
     data: Optional[data_lib.MnistData] = None,
     strategy: Optional[tf.distribute.Strategy] = None,
     output_dir: Optional[Path | str] = None,
+    hyperparameters: Optional[Mapping[str, Any]] = None,
 ) -> TrainResult:
-    """Train `config.arch`, evaluate on the test set, and write the run folder (if `output_dir`)."""
+    """Train `config.arch`, evaluate on the test set, and write the run folder (if `output_dir`).
+
+    `hyperparameters` (layer sizes, e.g. `hidden_units=(64, 32)`) go to the
+    model builder; the tuner's retrained winner uses them, and they are
+    recorded in config.json and metrics.json.
+    """
+    hyperparameters = dict(hyperparameters or {})
     started = time.perf_counter()
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices)
@@ -87,7 +94,7 @@ def run(
     logger.info(data.summary())
 
     keras.utils.set_random_seed(config.seed)
-    model = build_compiled_model(config, len(data.x_train), strategy)
+    model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
     training = loop_lib.TrainingLoop(model, strategy, config.batch_size, config.steps_per_execution)
 
     callbacks = []
@@ -120,11 +127,13 @@ def run(
         "keras_version": keras.__version__,
         "python_version": platform.python_version(),
     }
+    if hyperparameters:
+        metrics["hyperparameters"] = hyperparameters
     logger.info("Test accuracy %.4f, loss %.4f, training %.1f s",
                 metrics["test_accuracy"], metrics["test_loss"], train_seconds)
     exported = None
     if run_dir is not None:
-        write_run(run_dir, model, config, history, metrics)
+        write_run(run_dir, model, config, history, metrics, hyperparameters)
         if config.export:
             exported = export_run(run_dir, config, data)
     return TrainResult(model, history, metrics, config, run_dir, exported)
@@ -140,10 +149,18 @@ def export_run(run_dir: Path, config: TrainConfig, data: data_lib.MnistData) -> 
     return export_lib.export_model(export_config, export_config.model, export_config.output_dir, data=data)
 
 
-def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: dict, metrics: dict) -> None:
-    """Model, config, history, then metrics.json last (it marks the run finished)."""
+def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: dict, metrics: dict,
+              hyperparameters: Optional[Mapping[str, Any]] = None) -> None:
+    """Model, config, history, then metrics.json last (it marks the run finished).
+
+    Non-default layer sizes are written into config.json as `hyperparameters`
+    (`config_from_dict` ignores the key, so the file still reads as a TrainConfig).
+    """
     artifacts.save_keras_model(model, run_dir / artifacts.MODEL_FILE)
-    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, config_to_dict(config))
+    config_json = config_to_dict(config)
+    if hyperparameters:
+        config_json["hyperparameters"] = dict(hyperparameters)
+    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, config_json)
     artifacts.write_json(run_dir / artifacts.HISTORY_FILE, history)
     artifacts.write_json(run_dir / artifacts.METRICS_FILE, metrics)
     logger.info("Wrote %s", run_dir)

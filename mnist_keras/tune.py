@@ -1,0 +1,505 @@
+"""keras-tuner searches over layer sizes and the learning rate, scored on the validation split.
+
+`run(config, output_dir, data=None, strategy=None)` is the whole job:
+
+1. the search: keras-tuner (random, hyperband or bayesian) proposes
+   hyperparameters; every trial builds its model with the same builders and
+   learning-rate schedule as `train.py` (`train.build_compiled_model`) and
+   trains it with the package's `loop.TrainingLoop` (`MnistHyperModel.fit`),
+   scored by validation accuracy. The first trial of a fresh search is the seed
+   configuration: the fixed model's layer sizes and its preset learning rate.
+   Trials only ever receive the training and validation arrays;
+2. `trials.json`: every trial's hyperparameters, validation accuracy, epochs
+   and wall time;
+3. the best trial's hyperparameters retrained on train+validation with
+   `train.run`, which evaluates the test set (its only use) and writes a normal
+   run folder `best/` (so `scripts/export.py` takes it unchanged);
+4. `best.json`, written last: it marks the search finished.
+
+The keras-tuner project lives in `<output_dir>/tuner/`; re-running the same
+command reloads it, so finished trials are not trained again and a trial cut
+short by a kill is run again from its start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import inspect
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import keras
+import keras_tuner
+import numpy as np
+import tensorflow as tf
+
+from mnist_keras import artifacts
+from mnist_keras import data as data_lib
+from mnist_keras import loop as loop_lib
+from mnist_keras import models
+from mnist_keras import strategy as strategy_lib
+from mnist_keras import train
+from mnist_keras.config import (TRAIN_PRESETS, ConfigError, TrainConfig, TuneConfig, config_to_dict,
+                                flag_name)
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVE = "val_accuracy"
+TUNER_DIR = "tuner"  # keras-tuner's own project folder
+TRIALS_FILE = "trials.json"
+BEST_FILE = "best.json"  # Written last: its presence marks a finished search.
+BEST_RUN_DIR = "best"
+TIMING_FILE = "timing.json"  # Inside each keras-tuner trial folder.
+HYPERBAND_FACTOR = 3
+# keras-tuner's bookkeeping values in Hyperband trials; not layer sizes.
+HYPERBAND_KEYS = ("tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id")
+# Settings that may change between a search and its resumption; any other
+# difference would mix trials of two different searches.
+RESUMABLE_CHANGES = ("max_trials", "output_dir", "overwrite", "verbose", "strategy", "devices",
+                     "data_source", "data_dir", "steps_per_execution")
+
+
+class SearchFailedError(RuntimeError):
+    """No trial of the search finished (or too many failed in a row). The message has the first cause."""
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """What a search produced: every trial, the best and the seed trial, and the retrained winner."""
+
+    trials: list[dict]
+    best: dict
+    seed_trial: Optional[dict]
+    retrained: train.TrainResult
+    output_dir: Path
+
+
+# ---------------------------------------------------------------------------
+# The search spaces. Seeds come from the builders' own defaults and the
+# training presets, so the fixed models are points of the spaces by construction.
+# ---------------------------------------------------------------------------
+
+
+def _builder_default(arch: str, argument: str) -> Any:
+    return inspect.signature(models.MODEL_BUILDERS[arch]).parameters[argument].default
+
+
+def seed_hyperparameters(arch: str) -> dict[str, Any]:
+    """The fixed model's values as search hyperparameters, e.g. mlp_small: units_1=50, units_2=50, lr 1e-2."""
+    values: dict[str, Any] = {}
+    if arch == "cnn":
+        filters = _builder_default(arch, "filters")
+        values.update({f"filters_{index}": value for index, value in enumerate(filters, start=1)})
+        values["dense_units"] = _builder_default(arch, "dense_units")
+    else:
+        hidden_units = _builder_default(arch, "hidden_units")
+        values.update({f"units_{index}": value for index, value in enumerate(hidden_units, start=1)})
+    values["learning_rate"] = TRAIN_PRESETS[arch]["learning_rate"]
+    return values
+
+
+def _bounds(config: TuneConfig, name: str) -> tuple[str, Any, Any]:
+    """(bound flags' stem, low, high) of hyperparameter `name`."""
+    if name.startswith("filters_"):
+        return "filters", config.min_filters, config.max_filters
+    if name == "learning_rate":
+        return "learning_rate", config.min_learning_rate, config.max_learning_rate
+    return "units", config.min_units, config.max_units
+
+
+def check_search_space(config: TuneConfig) -> None:
+    """The seed configuration must lie inside the bounds given by the flags."""
+    for name, seed in seed_hyperparameters(config.arch).items():
+        stem, low, high = _bounds(config, name)
+        if not low <= seed <= high:
+            raise ConfigError(
+                f"{flag_name('min_' + stem)}/{flag_name('max_' + stem)} must contain {config.arch}'s seed "
+                f"{name}={seed} (the fixed model is always a point of the search space). "
+                f"Received: [{low}, {high}]")
+
+
+def declare_search_space(hp: keras_tuner.HyperParameters, config: TuneConfig) -> dict[str, Any]:
+    """Declare the arch's hyperparameters on `hp` (defaults = seed) and return the chosen values."""
+    values = {}
+    for name, seed in seed_hyperparameters(config.arch).items():
+        _, low, high = _bounds(config, name)
+        if isinstance(seed, float):
+            values[name] = hp.Float(name, low, high, sampling="log", default=seed)
+        else:
+            values[name] = hp.Int(name, low, high, sampling="log", default=seed)
+    return values
+
+
+def builder_arguments(arch: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Search values -> keyword arguments of `models.build_model(arch, ...)`."""
+    if arch == "cnn":
+        return {"filters": (int(values["filters_1"]), int(values["filters_2"])),
+                "dense_units": int(values["dense_units"])}
+    count = len(_builder_default(arch, "hidden_units"))
+    return {"hidden_units": tuple(int(values[f"units_{index}"]) for index in range(1, count + 1))}
+
+
+def search_space_summary(config: TuneConfig) -> list[dict]:
+    """One row per hyperparameter: name, low, high, seed, sampling."""
+    return [{"name": name, "low": _bounds(config, name)[1], "high": _bounds(config, name)[2], "seed": seed,
+             "sampling": "log"} for name, seed in seed_hyperparameters(config.arch).items()]
+
+
+def trial_train_config(config: TuneConfig, learning_rate: float, epochs: int, **overrides) -> TrainConfig:
+    """The TrainConfig a trial (or the retrained winner) trains with."""
+    values = dict(
+        arch=config.arch, epochs=epochs, batch_size=config.batch_size, learning_rate=float(learning_rate),
+        lr_schedule=config.lr_schedule, warmup_epochs=config.warmup_epochs,
+        validation_size=config.validation_size, seed=config.seed,
+        steps_per_execution=config.steps_per_execution, strategy=config.strategy, devices=config.devices,
+        data_source=config.data_source, data_dir=config.data_dir, overwrite=config.overwrite,
+        verbose=1 if config.verbose >= 2 else 0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# ---------------------------------------------------------------------------
+# keras-tuner glue.
+# ---------------------------------------------------------------------------
+
+
+class MnistHyperModel(keras_tuner.HyperModel):
+    """Builds with `train.build_compiled_model`, trains with `loop.TrainingLoop`."""
+
+    def __init__(self, config: TuneConfig, strategy: tf.distribute.Strategy, num_train_examples: int) -> None:
+        super().__init__(name=f"mnist_{config.arch}")
+        self.config = config
+        self.strategy = strategy
+        self.num_train_examples = num_train_examples
+
+    def _epochs(self, hp: keras_tuner.HyperParameters) -> int:
+        # Hyperband chooses each trial's epochs; the other tuners train every trial fully.
+        return int(hp.values.get("tuner/epochs", self.config.epochs))
+
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        values = declare_search_space(hp, self.config)
+        epochs = self._epochs(hp)
+        # Every trial starts from the same seed, as `train.py --seed` does: trials differ only by
+        # their hyperparameters, and a re-run trial gives the same result.
+        keras.utils.set_random_seed(self.config.seed)
+        train_config = trial_train_config(self.config, values["learning_rate"], epochs)
+        return train.build_compiled_model(train_config, self.num_train_examples, self.strategy,
+                                          **builder_arguments(self.config.arch, values))
+
+    def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, x: np.ndarray, y: np.ndarray,
+            validation_data: tuple[np.ndarray, np.ndarray], epochs: Optional[int] = None,
+            initial_epoch: int = 0, callbacks: Optional[list] = None, **unused) -> dict[str, float]:
+        """Train with the package's loop; return the last epoch's metrics (val_accuracy is the objective)."""
+        epochs = epochs or self._epochs(hp)
+        training = loop_lib.TrainingLoop(model, self.strategy, self.config.batch_size,
+                                         self.config.steps_per_execution)
+        if initial_epoch:
+            # A Hyperband continuation starts from its parent's weights: put the
+            # learning-rate schedule where `initial_epoch` epochs would have left it.
+            steps = data_lib.steps_per_epoch(len(x), self.config.batch_size)
+            model.optimizer.iterations.assign(initial_epoch * steps)
+        # keras-tuner hands in Keras callbacks (its per-epoch report and the
+        # best-epoch checkpoint Hyperband continues from); the loop calls them per epoch.
+        epoch_callbacks = []
+        for callback in callbacks or ():
+            callback.set_model(model)
+            epoch_callbacks.append(lambda epoch, logs, callback=callback: callback.on_epoch_end(epoch, dict(logs)))
+        history = training.fit(x, y, epochs, seed=self.config.seed, validation_data=validation_data,
+                               initial_epoch=initial_epoch, callbacks=epoch_callbacks,
+                               verbose=1 if self.config.verbose >= 2 else 0)
+        return {name: values[-1] for name, values in history.items()}
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _RecordingTuner:
+    """Adds to a keras-tuner Tuner: each trial's timing in its folder, and a progress line per trial."""
+
+    def run_trial(self, trial, *args, **kwargs):
+        started_at, started = _utc_now(), time.perf_counter()
+        results = super().run_trial(trial, *args, **kwargs)
+        values = trial.hyperparameters.values
+        epochs = int(values.get("tuner/epochs", kwargs.get("epochs") or self.hypermodel.config.epochs))
+        artifacts.write_json(Path(self.get_trial_dir(trial.trial_id)) / TIMING_FILE, {
+            "started_at": started_at, "finished_at": _utc_now(),
+            "wall_seconds": round(time.perf_counter() - started, 2), "epochs": epochs,
+            "initial_epoch": int(values.get("tuner/initial_epoch", 0))})
+        return results
+
+    def on_trial_end(self, trial):
+        try:
+            super().on_trial_end(trial)  # Scores the trial; raises after too many failures in a row.
+        finally:
+            record = trial_record(self, trial)
+            total = self.oracle.max_trials or "?"
+            if record["status"] == "COMPLETED":
+                logger.info("Trial %s/%s: val_accuracy %.4f, %s, %d epochs, %.1f s", int(trial.trial_id) + 1,
+                            total, record["val_accuracy"], _format_values(record["hyperparameters"]),
+                            record["epochs"] or 0, record["wall_seconds"] or 0.0)
+            else:
+                logger.warning("Trial %s/%s %s: %s", int(trial.trial_id) + 1, total, record["status"],
+                               record["error"])
+
+
+class _Tuner(_RecordingTuner, keras_tuner.Tuner):
+    pass
+
+
+class _HyperbandTuner(_RecordingTuner, keras_tuner.Hyperband):
+    """keras_tuner.Hyperband (epochs per trial, continuing from a parent's checkpoint) on a given oracle."""
+
+    def __init__(self, oracle, hypermodel, **kwargs):
+        # Hyperband.__init__ only builds its oracle; ours adds the seed-first trial.
+        keras_tuner.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
+
+
+class _SeedFirst:
+    """The first trial of a fresh search is the seed configuration (every hyperparameter's default)."""
+
+    def _random_values(self):
+        if not self.trials:
+            values = {hp.name: hp.default for hp in self.hyperparameters.space}
+            if not self._duplicate(values):
+                return values
+        return super()._random_values()
+
+
+class _RandomOracle(_SeedFirst, keras_tuner.oracles.RandomSearchOracle):
+    pass
+
+
+class _BayesianOracle(_SeedFirst, keras_tuner.oracles.BayesianOptimizationOracle):
+    pass
+
+
+class _HyperbandOracle(_SeedFirst, keras_tuner.oracles.HyperbandOracle):
+    pass
+
+
+def make_tuner(config: TuneConfig, hypermodel: MnistHyperModel, directory: Path) -> keras_tuner.Tuner:
+    """The keras-tuner Tuner for `config.tuner`, reloading `directory/tuner` when it exists."""
+    common = dict(objective=keras_tuner.Objective(OBJECTIVE, direction="max"), seed=config.seed,
+                  max_retries_per_trial=0, max_consecutive_failed_trials=3)
+    if config.tuner == "random":
+        oracle, tuner_cls = _RandomOracle(max_trials=config.max_trials, **common), _Tuner
+    elif config.tuner == "bayesian":
+        oracle, tuner_cls = _BayesianOracle(max_trials=config.max_trials, **common), _Tuner
+    elif config.tuner == "hyperband":
+        oracle = _HyperbandOracle(max_epochs=config.epochs, factor=HYPERBAND_FACTOR, **common)
+        oracle.max_trials = config.max_trials  # Hyperband has no such argument; the base oracle honours it.
+        tuner_cls = _HyperbandTuner
+    else:
+        raise ConfigError(f"--tuner must be one of random, hyperband, bayesian. Received: {config.tuner!r}")
+    # overwrite=False: an existing project is reloaded, which is how a search resumes.
+    return tuner_cls(oracle=oracle, hypermodel=hypermodel, directory=str(directory), project_name=TUNER_DIR,
+                     overwrite=False)
+
+
+# ---------------------------------------------------------------------------
+# Trials as plain records.
+# ---------------------------------------------------------------------------
+
+
+def _format_values(values: dict) -> str:
+    return " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+                    for name, value in values.items())
+
+
+def _first_cause(message: Optional[str]) -> str:
+    """The exception line at the end of a keras-tuner trial's traceback."""
+    lines = [line.strip() for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def trial_record(tuner: keras_tuner.Tuner, trial) -> dict:
+    """One trial as a JSON-ready dict."""
+    values = trial.hyperparameters.values
+    timing_path = Path(tuner.get_trial_dir(trial.trial_id)) / TIMING_FILE
+    timing = artifacts.read_json(timing_path) if timing_path.is_file() else {}
+    completed = trial.status == "COMPLETED"
+
+    def metric(name: str) -> Optional[float]:
+        return float(trial.metrics.get_last_value(name)) if completed and trial.metrics.exists(name) else None
+
+    hyperparameters = {name: value for name, value in values.items() if name not in HYPERBAND_KEYS}
+    return {
+        "trial_id": trial.trial_id,
+        "status": trial.status,
+        "hyperparameters": hyperparameters,
+        "seed_configuration": hyperparameters == seed_hyperparameters(tuner.hypermodel.config.arch),
+        "val_accuracy": metric(OBJECTIVE),
+        "val_loss": metric("val_loss"),
+        "train_accuracy": metric("accuracy"),
+        "epochs": timing.get("epochs"),
+        "initial_epoch": timing.get("initial_epoch"),
+        "continues_trial": values.get("tuner/trial_id"),
+        "wall_seconds": timing.get("wall_seconds"),
+        "started_at": timing.get("started_at"),
+        "finished_at": timing.get("finished_at"),
+        "error": None if completed else _first_cause(trial.message),
+    }
+
+
+def _best_trial(records: list[dict]) -> dict:
+    completed = [record for record in records if record["status"] == "COMPLETED"]
+    # Highest validation accuracy; ties go to the earlier trial (the seed first).
+    return max(completed, key=lambda record: (record["val_accuracy"], -int(record["trial_id"])))
+
+
+# ---------------------------------------------------------------------------
+# The search folder.
+# ---------------------------------------------------------------------------
+
+
+def _is_search_dir(folder: Path) -> bool:
+    return any((folder / name).exists() for name in (artifacts.CONFIG_FILE, TUNER_DIR, BEST_FILE))
+
+
+def prepare_search_dir(folder: Path, config: TuneConfig) -> bool:
+    """Create, clear (--overwrite) or reopen the search folder. Returns True when resuming.
+
+    A finished search (best.json) is never replaced without `overwrite`; an
+    unfinished one resumes only if it was started with the same settings.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise artifacts.OutputExistsError(f"{folder}: exists and is not a folder")
+    resuming = False
+    if folder.is_dir() and any(folder.iterdir()):
+        if not _is_search_dir(folder):
+            raise artifacts.OutputExistsError(f"{folder}: not empty and not a search folder; "
+                                              f"choose another --output-dir")
+        if config.overwrite:
+            logger.info("Clearing %s (--overwrite)", folder)
+            shutil.rmtree(folder)
+        elif (folder / BEST_FILE).exists():
+            raise artifacts.OutputExistsError(f"{folder}: holds a finished search; pass --overwrite to replace it")
+        else:
+            _check_same_search(folder, config)
+            resuming = True
+    folder.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(folder / artifacts.CONFIG_FILE, config_to_dict(config))
+    return resuming
+
+
+def _check_same_search(folder: Path, config: TuneConfig) -> None:
+    path = folder / artifacts.CONFIG_FILE
+    if not path.is_file():
+        return
+    before, now = artifacts.read_json(path), config_to_dict(config)
+    for name, value in now.items():
+        if name not in RESUMABLE_CHANGES and before.get(name) != value:
+            raise artifacts.OutputExistsError(
+                f"{folder}: holds an unfinished search started with {flag_name(name)} {before.get(name)}; "
+                f"pass --overwrite to start again, or another --output-dir. Received: {value}")
+
+
+# ---------------------------------------------------------------------------
+# The job.
+# ---------------------------------------------------------------------------
+
+
+def run(
+    config: TuneConfig,
+    output_dir: Path | str,
+    data: Optional[data_lib.MnistData] = None,
+    strategy: Optional[tf.distribute.Strategy] = None,
+) -> TuneResult:
+    """Search, write trials.json, retrain the winner on train+validation into best/, write best.json."""
+    started = time.perf_counter()
+    check_search_space(config)
+    output_dir = Path(output_dir)
+    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices)
+    if strategy_lib.strategy_name(strategy) == "multi_worker":
+        raise ConfigError("--strategy: a search runs in one process; multi-worker training is not supported. "
+                          "Received: multi_worker (TF_CONFIG is set)")
+    if config.batch_size % strategy.num_replicas_in_sync:
+        # Checked here, not in every trial, so that it is one usage error rather than N failed trials.
+        raise ConfigError(f"--batch-size must be a multiple of the {strategy.num_replicas_in_sync} replicas. "
+                          f"Received: {config.batch_size}")
+    resuming = prepare_search_dir(output_dir, config)
+    if data is None:
+        data = data_lib.load_mnist(config.data_source, config.data_dir, config.validation_size, config.seed)
+    if not len(data.x_val):
+        raise ConfigError("--validation-size must be > 0: the validation accuracy is the objective. Received: 0")
+    logger.info("%s the %s search of %s in %s: %s", "Resuming" if resuming else "Starting", config.tuner,
+                config.arch, output_dir, _format_values(
+                    {row["name"]: f"[{row['low']}, {row['high']}]" for row in search_space_summary(config)}))
+
+    hypermodel = MnistHyperModel(config, strategy, len(data.x_train))
+    tuner = make_tuner(config, hypermodel, output_dir)
+    try:
+        # Only the training and validation arrays go in: the test set cannot reach a trial.
+        tuner.search(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val), verbose=0)
+        stopped_early = None
+    except RuntimeError as error:  # keras-tuner stops after 3 failed trials in a row.
+        if "consecutive failures" not in str(error):
+            raise
+        stopped_early = str(error).splitlines()[0]
+
+    records = [trial_record(tuner, trial) for _, trial in sorted(tuner.oracle.trials.items(),
+                                                                  key=lambda item: int(item[0]))]
+    artifacts.write_json(output_dir / TRIALS_FILE, records)
+    failed = [record for record in records if record["status"] != "COMPLETED"]
+    if len(failed) == len(records) or stopped_early:
+        first = failed[0] if failed else None
+        reason = (f"every one of the {len(records)} trials failed" if len(failed) == len(records)
+                  else f"the search stopped ({stopped_early.rstrip('.')})")
+        cause = f"; trial {first['trial_id']} failed with: {first['error']}" if first else ""
+        raise SearchFailedError(f"{reason}{cause} (see {output_dir / TRIALS_FILE})")
+    for record in failed:
+        logger.warning("Trial %s failed: %s", record["trial_id"], record["error"])
+
+    best = _best_trial(records)
+    seed_trial = next((record for record in records if record["seed_configuration"]), None)
+    retrained = retrain_best(config, best, data, strategy, output_dir / BEST_RUN_DIR)
+
+    summary = {
+        "arch": config.arch,
+        "tuner": config.tuner,
+        "objective": OBJECTIVE,
+        "trials": len(records),
+        "failed_trials": len(failed),
+        "best_trial": best,
+        "seed_trial": seed_trial,
+        "search_space": search_space_summary(config),
+        "retrained": {
+            "run_dir": BEST_RUN_DIR,
+            "hyperparameters": best["hyperparameters"],
+            "test_accuracy": retrained.metrics["test_accuracy"],
+            "test_loss": retrained.metrics["test_loss"],
+            "epochs": retrained.metrics["epochs"],
+            "train_examples": retrained.metrics["train_examples"],
+            "train_seconds": retrained.metrics["train_seconds"],
+        },
+        "total_seconds_this_invocation": round(time.perf_counter() - started, 2),
+    }
+    artifacts.write_json(output_dir / BEST_FILE, summary)
+    logger.info("Best trial %d: val_accuracy %.4f (seed %s); retrained test accuracy %.4f", int(best["trial_id"]) + 1,
+                best["val_accuracy"], f"{seed_trial['val_accuracy']:.4f}" if seed_trial else "not run",
+                retrained.metrics["test_accuracy"])
+    return TuneResult(records, summary, seed_trial, retrained, output_dir)
+
+
+def retrain_best(config: TuneConfig, best: dict, data: data_lib.MnistData, strategy: tf.distribute.Strategy,
+                 run_dir: Path) -> train.TrainResult:
+    """Train the best hyperparameters on train+validation for `config.epochs`; `train.run` tests and saves."""
+    if run_dir.exists():
+        # best.json is missing (else the search would have been refused), so this
+        # is a retraining cut short: ours to clear, and cheap to redo.
+        shutil.rmtree(run_dir)
+    merged = dataclasses.replace(
+        data, x_train=np.concatenate([data.x_train, data.x_val]), y_train=np.concatenate([data.y_train, data.y_val]),
+        x_val=data.x_val[:0], y_val=data.y_val[:0])
+    values = best["hyperparameters"]
+    train_config = trial_train_config(config, values["learning_rate"], config.epochs, validation_size=0,
+                                      output_dir=str(run_dir))
+    logger.info("Retraining trial %d's hyperparameters on %d images for %d epochs", int(best["trial_id"]) + 1,
+                len(merged.x_train), config.epochs)
+    return train.run(train_config, data=merged, strategy=strategy, output_dir=run_dir,
+                     hyperparameters=builder_arguments(config.arch, values))
