@@ -15,11 +15,15 @@ setup(
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "matplotlib>=3.8", "pillow>=10"],
+        # Evaluation plots and predictions on users' images (issue 6).
+        "evaluate": ["matplotlib>=3.8", "pillow>=10"],
     },
     entry_points={
         "console_scripts": [
             "mnist-keras-train=mnist_keras.cli:train_main",
+            "mnist-keras-evaluate=mnist_keras.cli:evaluate_main",
+            "mnist-keras-predict=mnist_keras.cli:predict_main",
         ],
     },
 )

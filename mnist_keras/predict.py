@@ -181,14 +181,18 @@ class Prediction:
                 "top": [{"digit": d, "probability": p} for d, p in self.top]}
 
 
-def expand_paths(paths: Sequence[Union[os.PathLike, str]]) -> list[Path]:
-    """Files as given; folders replaced by their image files (by suffix, sorted, not recursive)."""
-    expanded: list[Path] = []
+def expand_paths(paths: Sequence[Union[os.PathLike, str]]) -> list[tuple[Path, Optional[str]]]:
+    """(file, None) per file given and per image file (by suffix, sorted, not recursive) in a folder given;
+    (folder, error) for a folder with no image files."""
+    expanded: list[tuple[Path, Optional[str]]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            expanded += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            expanded += [(file, None) for file in found]
+            if not found:
+                expanded.append((path, f"{path}: folder holds no PNG/JPEG/BMP files"))
         else:
-            expanded.append(path)
+            expanded.append((path, None))
     return expanded
 
 
@@ -199,8 +203,10 @@ def predict_files(model, paths: Sequence[Union[os.PathLike, str]], top_k: int = 
     files = expand_paths(paths)
     prepared: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
-    for index, path in enumerate(files):
+    for index, (path, problem) in enumerate(files):
         try:
+            if problem:
+                raise ValueError(problem)
             prepared[index] = preprocess_image(load_image(path))
         except (ValueError, OSError) as error:
             message = str(error).strip().splitlines()[0]
@@ -208,4 +214,4 @@ def predict_files(model, paths: Sequence[Union[os.PathLike, str]], top_k: int = 
             logger.warning(errors[index])
     ranked = dict(zip(prepared, classify(model, list(prepared.values()), top_k))) if prepared else {}
     return [Prediction(path, tuple(ranked[i])) if i in ranked else Prediction(path, error=errors[i])
-            for i, path in enumerate(files)]
+            for i, (path, _) in enumerate(files)]
