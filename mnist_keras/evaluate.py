@@ -185,7 +185,7 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, probabilities: np
         # Black ink on white paper reads more easily than MNIST's white on black.
         axes.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
         axes.set_title(f"#{index}: true {int(labels[index])}\npredicted {predicted} "
-                       f"({probabilities[index, predicted]:.0%})", fontsize=9)
+                       f"({probabilities[index, predicted]:.1%})", fontsize=9)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     return _save_figure(figure, path)
@@ -204,7 +204,7 @@ def plot_training_curves(history: dict, path: Path, title: str) -> Path:
         axes.set_ylabel(label)
         axes.set_title(f"{label} per epoch")
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(loc="upper right" if metric == "loss" else "lower right")
         epochs = len(history.get(metric) or history.get(f"val_{metric}") or [])
         if epochs:
             axes.set_xticks(range(1, epochs + 1, max(1, epochs // 10)))
