@@ -409,23 +409,24 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> Path:
               (loss_axes, "test_loss", "published_loss", 1.0, "Test loss (cross-entropy)", "{:.4f}"))
     for axes, key, published_key, scale, label, text in panels:
         values = [row[key] * scale for row in rows]
-        bars = axes.bar(positions, values, color="tab:blue", width=0.6, label="this project")
-        for bar, value in zip(bars, values):
-            axes.annotate(text.format(value), (bar.get_x() + bar.get_width() / 2, value),
-                          ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        axes.bar(positions, values, color="tab:blue", width=0.6, label="this project")
         published = [(i, row[published_key] * scale) for i, row in enumerate(rows) if row[published_key] is not None]
-        if published:
-            axes.scatter([i for i, _ in published], [v for _, v in published], marker="D", color="tab:red",
-                         zorder=3, label="published")
+        for number, (i, value) in enumerate(published):
+            axes.hlines(value, i - 0.38, i + 0.38, colors="tab:red", linewidth=2.5, zorder=3,
+                        label="published" if number == 0 else None)
+        # The numbers go under each bar, where no bar or mark can cover them.
         axes.set_xticks(positions)
-        axes.set_xticklabels(names)
+        axes.set_xticklabels([
+            f"{name}\n{text.format(row[key] * scale)}"
+            + (f"\n(published {row[published_key] * scale:.4g}{'%' if scale == 100.0 else ''})" if row[published_key] is not None else "")
+            for name, row in zip(names, rows)])
         axes.set_xlabel("Model")
         axes.set_ylabel(label)
         axes.set_title(label)
-        axes.legend(loc="lower right" if key == "test_accuracy" else "upper right")
+        axes.legend(loc="upper left" if key == "test_accuracy" else "upper right")
         axes.grid(axis="y", alpha=0.3)
     low = min([row["test_accuracy"] for row in rows] + [row["published_accuracy"] or 1 for row in rows]) * 100
-    accuracy_axes.set_ylim(max(0.0, np.floor(low) - 1), 100.4)
+    accuracy_axes.set_ylim(max(0.0, np.floor(low) - 1), 100.6)
     top = max([row["test_loss"] for row in rows] + [row["published_loss"] or 0 for row in rows])
     loss_axes.set_ylim(0, top * 1.2)
     figure.suptitle("MNIST models side by side (10,000 test images)")
