@@ -28,7 +28,8 @@ MISCLASSIFIED_PNG = "misclassified.png"
 CURVES_PNG = "training_curves.png"
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
-EXPORT_FILE = "export.json"  # Written by export.py (issue 3): artifacts with path, size, accuracy.
+EXPORT_DIR = "export"  # export.py (issue 3) writes <run>/export/export.json: artifacts with path, bytes, accuracy.
+EXPORT_FILE = "export.json"
 # Keras clips probabilities to [1e-7, 1 - 1e-7] in its cross-entropy; the same here,
 # so that evaluation.json's loss matches metrics.json's.
 EPSILON = 1e-7
@@ -322,27 +323,37 @@ def format_table(summary: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _is_int8_tflite(entry: dict) -> bool:
+def _is_int8_tflite(name: str, entry: dict) -> bool:
     path = str(entry.get("path", ""))
-    labels = {str(entry.get(key, "")).lower() for key in ("name", "variant", "kind", "quantization")}
-    return path.endswith(".tflite") and ("int8" in labels or Path(path).stem.lower().endswith("int8"))
+    labels = {str(value).lower() for value in (name, entry.get("name"), entry.get("variant"))}
+    return path.endswith(".tflite") and (bool(labels & {"int8", "tflite_int8"})
+                                         or Path(path).stem.lower().endswith("int8"))
 
 
 def _int8_tflite_size(run_dir: Path) -> Optional[int]:
-    """Bytes of the int8 TFLite file listed in the run's export.json (issue 3), or None when not exported."""
-    path = run_dir / EXPORT_FILE
-    if not path.is_file():
+    """Bytes of the int8 TFLite file in the run's export.json (export.py, issue 3), or None when not exported.
+
+    export.py writes <run>/export/export.json with "artifacts": {"tflite_int8": {"path": "model_int8.tflite",
+    "bytes": ...}, ...}, paths relative to that folder; a list of records, "size"/"size_bytes" and an
+    export.json in the run folder itself are read too.
+    """
+    for path in (run_dir / EXPORT_DIR / EXPORT_FILE, run_dir / EXPORT_FILE):
+        if path.is_file():
+            break
+    else:
         return None
     listing = artifacts.read_json(path)
     entries = listing.get("artifacts", []) if isinstance(listing, dict) else listing
-    if isinstance(entries, dict):  # {"int8": {"path": ..., "size_bytes": ...}, ...}
-        entries = [{"name": key, **value} for key, value in entries.items() if isinstance(value, dict)]
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and _is_int8_tflite(entry):
-            size = entry.get("size_bytes", entry.get("size"))
-            if isinstance(size, (int, float)) and not isinstance(size, bool):
-                return int(size)
-            file = run_dir / str(entry["path"])
+    if isinstance(entries, list):
+        entries = {str(entry.get("name", "")): entry for entry in entries if isinstance(entry, dict)}
+    if not isinstance(entries, dict):
+        return None
+    for name, entry in entries.items():
+        if isinstance(entry, dict) and _is_int8_tflite(name, entry):
+            for key in ("bytes", "size_bytes", "size"):
+                if isinstance(entry.get(key), (int, float)) and not isinstance(entry.get(key), bool):
+                    return int(entry[key])
+            file = path.parent / str(entry["path"])
             return file.stat().st_size if file.is_file() else None
     return None
 
