@@ -79,8 +79,6 @@ def _to_grayscale(image: Union[Image.Image, np.ndarray]) -> np.ndarray:
         array = array[..., :-1] * alpha + 255.0 * (1.0 - alpha)  # onto white
     if array.ndim == 3 and array.shape[-1] == 3:
         array = array @ np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL's "L"
-    elif array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
     if array.ndim != 2:
         raise ValueError(f"image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4). Received: {array.shape}")
     return np.clip(array, 0.0, 255.0)
@@ -120,7 +118,8 @@ def preprocess_image(image: Union[Image.Image, np.ndarray]) -> np.ndarray:
     scale = BOX_SIZE / max(height, width)
     new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
     # LANCZOS anti-aliases when shrinking (MNIST's digits are anti-aliased too).
-    digit = np.asarray(Image.fromarray(ink, mode="F").resize((new_width, new_height), Image.LANCZOS))
+    digit = np.asarray(Image.fromarray(ink.astype(np.float32)).resize((new_width, new_height),
+                                                                              Image.Resampling.LANCZOS))
     digit = np.clip(digit, 0.0, 255.0)
 
     total = float(digit.sum())
@@ -211,7 +210,7 @@ def predict_files(model, paths: Sequence[Union[os.PathLike, str]], top_k: int = 
         except (ValueError, OSError) as error:
             message = str(error).strip().splitlines()[0]
             errors[index] = message if message.startswith(str(path)) else f"{path}: {message}"
-            logger.warning(errors[index])
+            logger.info(errors[index])  # The caller reports it; a warning would print it twice.
     ranked = dict(zip(prepared, classify(model, list(prepared.values()), top_k))) if prepared else {}
     return [Prediction(path, tuple(ranked[i])) if i in ranked else Prediction(path, error=errors[i])
             for i, (path, _) in enumerate(files)]
