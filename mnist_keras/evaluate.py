@@ -271,14 +271,14 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
     logger.info("%s: accuracy %.4f, loss %.4f", name, summary["accuracy"], summary["loss"])
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    worst = worst_mistakes(result.probabilities, data.y_test, config.misclassified)
     files = [
         plot_confusion_matrix(summary["confusion_matrix"], output_dir / CONFUSION_PNG,
                               f"Confusion matrix: {name} ({model.format})\n"
                               f"test accuracy {summary['accuracy']:.2%} on {summary['examples']:,} images"),
         plot_misclassified(data.x_test, data.y_test, result.probabilities,
-                           worst_mistakes(result.probabilities, data.y_test, config.misclassified),
-                           output_dir / MISCLASSIFIED_PNG,
-                           f"{name}: the {config.misclassified} most confident mistakes "
+                           worst, output_dir / MISCLASSIFIED_PNG,
+                           f"{name}: the {len(worst)} most confident mistakes "
                            f"(of {len(summary['misclassified'])})"),
     ]
     run_dir = find_run_dir(model.path)
