@@ -22,6 +22,9 @@ setup(
         "tensorboard>=2.21,<2.22",
         # LiteRT's Interpreter runs the exported .tflite files (export checks, evaluate, predict).
         "ai-edge-litert>=2.1",
+        # Evaluation plots, and reading users' digit images for predict.
+        "matplotlib>=3.8",
+        "pillow>=10",
     ],
     extras_require=EXTRAS,
     entry_points={
@@ -29,6 +32,8 @@ setup(
             "mnist-keras-train=mnist_keras.cli:train_main",
             "mnist-keras-export=mnist_keras.cli:export_main",
             "mnist-keras-tune=mnist_keras.cli:tune_main",
+            "mnist-keras-evaluate=mnist_keras.cli:evaluate_main",
+            "mnist-keras-predict=mnist_keras.cli:predict_main",
         ],
     },
 )

@@ -182,3 +182,81 @@ def tune_main(argv: Optional[Sequence[str]] = None) -> int:
           f"test accuracy {retrained['test_accuracy']:.4f}")
     print(f"Saved to {result.output_dir} (best model: {result.output_dir / retrained['run_dir']})")
     return 0
+
+
+def _default_model_path(model: Optional[str], models_dir: str, arch: str):
+    from mnist_keras import artifacts
+
+    return model or artifacts.default_run_dir(arch, models_dir)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Evaluate a model on the MNIST test set: writes evaluation.json, confusion_matrix.png, "
+                    "misclassified.png and training_curves.png into its run folder and prints a table. "
+                    "--compare instead compares every run under saved_models/.")
+    config_lib.add_config_flags(parser, config_lib.EvaluateConfig)
+    return parser
+
+
+@_entry_point
+def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python scripts/evaluate.py --arch cnn`, `--model PATH`, or `--compare`"""
+    args = evaluate_parser().parse_args(argv)
+    config = config_lib.config_from_flags(config_lib.EvaluateConfig, args)
+    _setup_logging(config.verbose)
+
+    from mnist_keras import evaluate
+
+    if config.compare:
+        rows, paths = evaluate.compare(config.models_dir, overwrite=config.overwrite)
+        print(paths[0].read_text(), end="")
+        print(f"Wrote {paths[0]} and {paths[1]}")
+        return 0
+    model_path = _default_model_path(config.model, config.models_dir, config.arch)
+    output_dir = config.output_dir or evaluate.default_output_dir(model_path)
+    result = evaluate.run(config, model_path, output_dir)
+    print(f"{result.summary['model']} ({result.summary['format']})")
+    print(evaluate.format_table(result.summary))
+    print(f"Wrote {', '.join(path.name for path in result.files)} to {result.output_dir}")
+    return 0
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="predict.py",
+        description="Classify your own digit images (PNG/JPEG/BMP files or folders of them), preprocessed the way "
+                    "MNIST was made. Exit status 1 if any file failed, 2 for bad flags or a missing model.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="Image files or folders of them.")
+    config_lib.add_config_flags(parser, config_lib.PredictConfig, exclude=("images",))
+    return parser
+
+
+@_entry_point
+def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python scripts/predict.py IMAGE... [--model PATH] [--top-k K] [--json]`"""
+    args = predict_parser().parse_args(argv)
+    args.images = tuple(args.images)
+    config = config_lib.config_from_flags(config_lib.PredictConfig, args)
+    _setup_logging(config.verbose)
+
+    import json
+
+    from mnist_keras import artifacts, predict
+
+    model = artifacts.load_model(_default_model_path(config.model, config.models_dir, config.arch))
+    predictions = predict.predict_files(model, config.images, top_k=config.top_k)
+    if config.json:
+        print(json.dumps([prediction.to_dict() for prediction in predictions], indent=2))
+    for prediction in predictions:
+        if not prediction.ok:
+            print(f"{prog_name()}: error: {prediction.error}", file=sys.stderr)
+        elif not config.json:
+            ranked = ", ".join(f"{digit} ({probability:.1%})" for digit, probability in prediction.top)
+            print(f"{prediction.path}: {ranked}")
+    return 1 if any(not prediction.ok for prediction in predictions) else 0
+
+
+def prog_name() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras"

@@ -311,3 +311,55 @@ def config_from_flags(
         arch = given.pop("arch", None) or config_cls.__dataclass_fields__["arch"].default
         return preset_config(config_cls, presets, arch, **given)
     return config_cls(**given)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and prediction (issue 6).
+# ---------------------------------------------------------------------------
+
+MODELS_ROOT = "saved_models"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluate one model on the MNIST test set (plots and evaluation.json), or compare every run."""
+
+    arch: str = option("cnn", "Evaluate the run saved_models/<arch>/ (ignored with --model).", choices=ARCHITECTURES)
+    model: Optional[str] = option(None, "A .keras file, a run folder, a SavedModel folder or a .tflite file.",
+                                  metavar="PATH")
+    compare: bool = option(False, "Compare every finished run under --models-dir: write comparison.md and "
+                           "comparison.png there.")
+    models_dir: str = option(MODELS_ROOT, "Folder holding the run folders.", metavar="DIR")
+    output_dir: Optional[str] = option(None, "Where the evaluation goes. Default: the run folder holding the model "
+                                       "(for a SavedModel or .tflite: evaluation-<name>/ beside it).", metavar="DIR")
+    misclassified: int = option(25, "Worst mistakes shown in misclassified.png.")
+    batch_size: int = option(1000, "Images per prediction batch.")
+    data_source: str = option("auto", "Where MNIST comes from (as for train.py).", choices=DATA_SOURCES)
+    data_dir: Optional[str] = option(None, "Folder with the MNIST IDX files or mnist.npz. Default: $MNIST_DATA_DIR.",
+                                     metavar="DIR")
+    overwrite: bool = option(False, "Replace an existing evaluation or comparison.")
+    verbose: int = option(0, "0: results only, 1: also log progress.")
+
+    def __post_init__(self) -> None:
+        check_choice("arch", self.arch, ARCHITECTURES)
+        check_choice("data_source", self.data_source, DATA_SOURCES)
+        check_range("misclassified", self.misclassified, minimum=1, maximum=100)
+        check_range("batch_size", self.batch_size, minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """Classify a user's own digit images (PNG/JPEG/BMP files or folders of them)."""
+
+    images: tuple = option((), "Image files or folders of them.", metavar="IMAGE")
+    arch: str = option("cnn", "Use the run saved_models/<arch>/ (ignored with --model).", choices=ARCHITECTURES)
+    model: Optional[str] = option(None, "A .keras file, a run folder, a SavedModel folder or a .tflite file.",
+                                  metavar="PATH")
+    models_dir: str = option(MODELS_ROOT, "Folder holding the run folders.", metavar="DIR")
+    top_k: int = option(1, "How many of the most probable digits to print per image.")
+    json: bool = option(False, "Print one JSON document (a list, one object per file) instead of text.")
+    verbose: int = option(0, "0: results only, 1: also log progress.")
+
+    def __post_init__(self) -> None:
+        check_choice("arch", self.arch, ARCHITECTURES)
+        check_range("top_k", self.top_k, minimum=1, maximum=10)
