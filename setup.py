@@ -15,11 +15,14 @@ setup(
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # Peak resident memory per benchmark row.
+        "benchmark": ["psutil>=5.9"],
+        "dev": ["pytest>=8", "psutil>=5.9"],
     },
     entry_points={
         "console_scripts": [
             "mnist-keras-train=mnist_keras.cli:train_main",
+            "mnist-keras-benchmark=mnist_keras.cli:benchmark_main",
         ],
     },
 )
