@@ -142,11 +142,16 @@ class BenchmarkConfig:
 # Per-architecture defaults, chosen for accuracy within a minute of training on
 # two CPU cores (the README's results table says what they reach). The MLPs use
 # their published learning rates as the peak of the cosine schedule; the CNN
-# learns faster with a higher peak (measured: 4e-3 beats 1e-3 and 2e-3 at 10 epochs).
+# learns faster with a higher peak (measured: 4e-3 beats 1e-3 and 2e-3 at 10 epochs,
+# and 6e-3 with a shorter warmup matches 4e-3 in 8 epochs).
 TRAIN_PRESETS: Mapping[str, Mapping[str, Any]] = {
     "mlp": {"epochs": 20, "batch_size": 128, "learning_rate": 1e-3},
     "mlp_small": {"epochs": 20, "batch_size": 128, "learning_rate": 1e-2},
-    "cnn": {"epochs": 10, "batch_size": 128, "learning_rate": 4e-3},
+    # Measured 2026-11-25, test accuracy (seeds 1, 2): 8 epochs at lr 6e-3, warmup 0.3
+    # epoch: .9923, .9913; 10 epochs at lr 4e-3, warmup 0.5: .9918 (seed 1), the same
+    # accuracy in 80% of the time. Random shifts (--shift-pixels 2) did not help in
+    # 10 epochs (.9916, seed 1).
+    "cnn": {"epochs": 8, "batch_size": 128, "learning_rate": 6e-3, "warmup_epochs": 0.3},
 }
 
 
@@ -154,8 +159,12 @@ TRAIN_PRESETS: Mapping[str, Mapping[str, Any]] = {
 # them (flags given explicitly still win). Only architectures listed have the recipe.
 TRAIN_RECIPES: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
     "default": {arch: {} for arch in ARCHITECTURES},
+    # Shortest time to 99.0% test accuracy. Measured 2026-11-25 (seed: accuracy after
+    # epochs 1-4): seed 1 .9824 .9871 .9899 .9911; seed 2 .9810 .9876 .9891 .9907. The
+    # same 4 epochs at lr 4e-3 end at .9897, at lr 8e-3 at .9904; batch 256 or 512 at
+    # lr 6e-3-8e-3 end below .988 (fewer updates per epoch, at the same images/s).
     "fast": {
-        "cnn": {"epochs": 4, "batch_size": 128, "learning_rate": 4e-3, "warmup_epochs": 0.3},
+        "cnn": {"epochs": 4, "batch_size": 128, "learning_rate": 6e-3, "warmup_epochs": 0.2},
     },
 }
 
