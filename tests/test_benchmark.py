@@ -122,3 +122,12 @@ def test_mixed_precision_keeps_float32_probabilities(tiny_mnist):
     np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, atol=1e-5)
     assert np.isfinite(result.metrics["test_loss"])
     assert keras.mixed_precision.dtype_policy().name == "float32"  # Restored for everyone else.
+
+
+@pytest.mark.slow
+def test_fast_recipe_reaches_99_percent(real_mnist):
+    """Costs 4 CNN epochs (about 20-25 s on 2 quiet cores). Measured: .9911 (seed 1), .9907 (seed 2)."""
+    config = config_lib.preset_config(TrainConfig, config_lib.TRAIN_PRESETS, "cnn", recipe="fast", verbose=0)
+    result = train.run(config, data=real_mnist)
+    assert result.metrics["epochs"] == 4 and result.metrics["recipe"] == "fast"
+    assert result.metrics["test_accuracy"] >= 0.99, result.metrics
