@@ -252,9 +252,16 @@ def time_to_accuracy(config: BenchmarkConfig, recipe: str, data: data_lib.MnistD
 # ---------------------------------------------------------------------------
 
 
-def export_for_inference(model: keras.Model, folder: Path) -> None:
+def export_for_inference(model: keras.Model, arch: str, folder: Path) -> None:
     """model.keras, a SavedModel and an fp32 .tflite of `model` in `folder` (issue 3 adds quantized ones)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if model.dtype_policy.name != "float32":
+        # A mixed-precision graph needs TFLite's Flex ops (bfloat16 casts); inference
+        # runs in float32, so export a float32 copy of the same (float32) weights.
+        with models.dtype_policy("float32"):
+            float_model = models.build_model(arch)
+        float_model.set_weights(model.get_weights())
+        model = float_model
     artifacts.save_keras_model(model, folder / artifacts.MODEL_FILE)
     model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
     model.export(str(folder / "model_fp32.tflite"), format="litert", verbose=False)
@@ -361,7 +368,7 @@ def run(config: BenchmarkConfig, data: Optional[data_lib.MnistData] = None,
                 folder = Path(config.models_dir) / arch
             else:
                 folder = work_dir / arch
-                export_for_inference(model, folder)
+                export_for_inference(model, arch, folder)
             for path in inference_models(folder):
                 row = {"arch": arch, **inference_row(path, folder, data.x_test, data.y_test, latency_runs,
                                                      repeats=1 if config.smoke else 3)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import benchmark, config as config_lib, data as data_lib, loop, models, train
+from mnist_keras import artifacts, benchmark, config as config_lib, data as data_lib, loop, models, train
 from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
 from tests.test_cli import assert_one_line_error, run_script
 
@@ -131,3 +131,15 @@ def test_fast_recipe_reaches_99_percent(real_mnist):
     result = train.run(config, data=real_mnist)
     assert result.metrics["epochs"] == 4 and result.metrics["recipe"] == "fast"
     assert result.metrics["test_accuracy"] >= 0.99, result.metrics
+
+
+def test_mixed_precision_model_exports_float32_formats(tiny_mnist, tmp_path):
+    with models.dtype_policy("mixed_bfloat16"):
+        mixed = models.build_model("mlp_small")
+    benchmark.export_for_inference(mixed, "mlp_small", tmp_path)
+    images = tiny_mnist.x_test[:16]
+    expected = mixed(images.astype("float32")).numpy()
+    assert len(benchmark.inference_models(tmp_path)) == 3
+    for path in benchmark.inference_models(tmp_path):
+        loaded = artifacts.load_model(path)  # The .tflite needs no Flex (bfloat16) ops.
+        np.testing.assert_allclose(loaded.predict(images), expected, atol=2e-2)  # bfloat16 vs float32 compute.
