@@ -2,6 +2,8 @@ from setuptools import find_packages, setup
 
 # Optional features, each its own extra; `dev` is everything the tests need.
 EXTRAS = {
+    # Peak resident memory per benchmark row.
+    "benchmark": ["psutil>=5.9"],
     # keras-tuner searches (scripts/tune.py); the bayesian tuner needs scipy and scikit-learn.
     "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],
 }
@@ -34,6 +36,7 @@ setup(
             "mnist-keras-tune=mnist_keras.cli:tune_main",
             "mnist-keras-evaluate=mnist_keras.cli:evaluate_main",
             "mnist-keras-predict=mnist_keras.cli:predict_main",
+            "mnist-keras-benchmark=mnist_keras.cli:benchmark_main",
         ],
     },
 )

@@ -289,14 +289,16 @@ def synthetic_mnist(
 
 def train_dataset_fn(
     images: np.ndarray, labels: np.ndarray, global_batch_size: int, seed: int,
-    epochs: int, initial_epoch: int = 0,
+    epochs: int, initial_epoch: int = 0, shift_pixels: int = 0,
 ) -> Callable:
     """Shuffled training batches for epochs [initial_epoch, epochs), one epoch after another.
 
     Each epoch's order depends only on (seed, epoch), so a run resumed at epoch
     k sees the same batches as an uninterrupted run. Every worker yields exactly
     `steps_per_epoch(len(images), global_batch_size)` steps per epoch, which
-    keeps the workers' collectives in lockstep.
+    keeps the workers' collectives in lockstep. `shift_pixels` > 0 moves every
+    image by a random whole number of pixels in [-shift, shift] along each axis
+    (one vectorised op per batch, seeded by (seed, epoch, step)), filling with black.
     """
     steps = steps_per_epoch(len(images), global_batch_size)
 
@@ -311,11 +313,16 @@ def train_dataset_fn(
 
         def epoch_batches(epoch):
             order = tf.random.experimental.stateless_shuffle(shard_indices, seed=tf.stack([seed, epoch]))
-            return (tf.data.Dataset.from_tensor_slices(order)
-                    .batch(batch, drop_remainder=True).take(batches_per_epoch))
+            batches = (tf.data.Dataset.from_tensor_slices(order)
+                       .batch(batch, drop_remainder=True).take(batches_per_epoch))
+            # A per-batch counter that depends only on (epoch, step): the shift seed.
+            counters = tf.data.Dataset.range(epoch * batches_per_epoch, (epoch + 1) * batches_per_epoch)
+            return tf.data.Dataset.zip(batches, counters)
 
-        def gather(indices):
+        def gather(indices, counter):
             x = tf.cast(tf.gather(all_images, indices), tf.float32)
+            if shift_pixels:
+                x = random_shift(x, shift_pixels, tf.stack([tf.cast(seed, tf.int64), counter]))
             return x, tf.cast(tf.gather(all_labels, indices), tf.int32)
 
         return (tf.data.Dataset.range(initial_epoch, epochs)
@@ -324,6 +331,27 @@ def train_dataset_fn(
                 .prefetch(tf.data.AUTOTUNE))
 
     return dataset_fn
+
+
+def random_shift(images, max_shift: int, seed):
+    """Move each image of a (N, 28, 28) float batch by its own random (dx, dy) in [-max_shift, max_shift].
+
+    One ImageProjectiveTransformV3 call for the whole batch (nearest neighbour,
+    whole-pixel offsets, so no interpolation blur); uncovered pixels become 0.
+    """
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    offsets = tf.random.stateless_uniform([count, 2], seed=seed, minval=-max_shift, maxval=max_shift + 1,
+                                          dtype=tf.int32)
+    offsets = tf.cast(offsets, tf.float32)
+    ones, zeros = tf.ones([count], tf.float32), tf.zeros([count], tf.float32)
+    # Each row maps an output pixel (x, y) to the input pixel (x + a2, y + b2).
+    transforms = tf.stack([ones, zeros, offsets[:, 0], zeros, ones, offsets[:, 1], zeros, zeros], axis=1)
+    shifted = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images[..., None], transforms=transforms, output_shape=tf.constant(IMAGE_SHAPE, tf.int32),
+        fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+    return shifted[..., 0]
 
 
 def eval_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: int) -> Callable:

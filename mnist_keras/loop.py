@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 # Called after every epoch with (epoch index, logs); logs has loss, accuracy,
 # val_loss and val_accuracy (the last two when there is validation data).
-EpochCallback = Callable[[int, dict], None]
+# A callback that returns True stops training after that epoch.
+EpochCallback = Callable[[int, dict], Optional[bool]]
 
 
 def make_learning_rate(
@@ -99,8 +100,11 @@ class TrainingLoop:
             probabilities = self.model(images, training=True)
             per_example_loss = self.loss_fn(labels, probabilities)
             loss = tf.reduce_sum(per_example_loss) / self.global_batch_size
+            # Identity unless the optimizer is a LossScaleOptimizer (mixed_float16),
+            # whose apply_gradients then unscales the gradients.
+            scaled_loss = self.model.optimizer.scale_loss(loss)
         variables = self.model.trainable_variables
-        gradients = tape.gradient(loss, variables)
+        gradients = tape.gradient(scaled_loss, variables)
         self.model.optimizer.apply_gradients(zip(gradients, variables))
         return self._sums(labels, probabilities, per_example_loss)
 
@@ -151,14 +155,19 @@ class TrainingLoop:
         initial_epoch: int = 0,
         callbacks: Sequence[EpochCallback] = (),
         verbose: int = 1,
+        shift_pixels: int = 0,
     ) -> dict[str, list[float]]:
-        """Train epochs [initial_epoch, epochs); returns the history of those epochs."""
+        """Train epochs [initial_epoch, epochs); returns the history of those epochs.
+
+        Stops early when a callback returns True. `shift_pixels`: random-shift
+        augmentation of the training images (see `data.train_dataset_fn`).
+        """
         steps = data_lib.steps_per_epoch(len(x_train), self.global_batch_size)
         history: dict[str, list[float]] = {}
         if initial_epoch >= epochs:
             return history
         dataset = self.strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
-            x_train, y_train, self.global_batch_size, seed, epochs, initial_epoch))
+            x_train, y_train, self.global_batch_size, seed, epochs, initial_epoch, shift_pixels))
         iterator = iter(dataset)
         stateful = ["loss", "accuracy", "val_loss", "val_accuracy"]
         for epoch in range(initial_epoch, epochs):
@@ -171,8 +180,12 @@ class TrainingLoop:
             progbar.update(steps, values=list(logs.items()), finalize=True)
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
+            stop = False
             for callback in callbacks:
-                callback(epoch, logs)
+                stop = bool(callback(epoch, logs)) or stop
+            if stop:
+                logger.info("Stopping after epoch %d: a callback asked to", epoch + 1)
+                break
         return history
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict[str, float]:

@@ -10,7 +10,8 @@ Parameter counts: mlp 105,214; mlp_small 42,310; cnn 21,840.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+import contextlib
+from typing import Callable, Iterator, Sequence, Union
 
 import keras
 
@@ -35,7 +36,9 @@ def _inputs_and_scaled() -> tuple[keras.KerasTensor, keras.KerasTensor]:
 
 
 def _classifier(features: keras.KerasTensor) -> keras.KerasTensor:
-    return keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(features)
+    # float32 even under a mixed-precision policy: a 16-bit softmax loses small
+    # probabilities, and every consumer of the model expects float32 out.
+    return keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(features)
 
 
 def build_mlp(hidden_units: Sequence[int] = (120, 84), name: str = "mlp") -> keras.Model:
@@ -86,6 +89,17 @@ def build_model(arch: str, **hyperparameters) -> keras.Model:
     if arch not in MODEL_BUILDERS:
         raise ValueError(f"`arch` must be one of {', '.join(MODEL_BUILDERS)}. Received: arch={arch!r}")
     return MODEL_BUILDERS[arch](**hyperparameters)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Build models under Keras' dtype policy `name` (e.g. "mixed_bfloat16"), then restore the old one."""
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
 
 
 def compile_model(

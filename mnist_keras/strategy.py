@@ -107,3 +107,9 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     task_type, task_id = resolver.task_type, resolver.task_id
     return task_type == "chief" or (task_type == "worker" and task_id == 0
                                     and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def mixed_precision_policy() -> str:
+    """Keras' mixed-precision policy for this machine: mixed_float16 on GPUs (tensor cores),
+    mixed_bfloat16 on CPUs (float16 has no fast CPU kernels; bfloat16 needs no loss scaling)."""
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"

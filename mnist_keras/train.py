@@ -57,7 +57,8 @@ def build_compiled_model(config: TrainConfig, num_train_examples: int, strategy:
         config.learning_rate, config.lr_schedule,
         total_steps=loop_lib.total_steps(num_train_examples, config.batch_size, config.epochs),
         warmup_steps=loop_lib.warmup_steps(num_train_examples, config.batch_size, config.warmup_epochs))
-    with strategy.scope():
+    policy = strategy_lib.mixed_precision_policy() if config.mixed_precision else "float32"
+    with strategy.scope(), models.dtype_policy(policy):
         model = models.build_model(config.arch, **hyperparameters)
         models.compile_model(model, learning_rate)
     return model
@@ -103,7 +104,8 @@ def run(
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     train_started = time.perf_counter()
     history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
-                           validation_data=validation, callbacks=callbacks, verbose=config.verbose)
+                           validation_data=validation, callbacks=callbacks, verbose=config.verbose,
+                           shift_pixels=config.shift_pixels)
     train_seconds = time.perf_counter() - train_started
     test = training.evaluate(data.x_test, data.y_test)
 
@@ -113,6 +115,8 @@ def run(
         "test_loss": test["loss"],
         "epochs": config.epochs,
         "batch_size": config.batch_size,
+        "recipe": config.recipe,
+        "dtype_policy": model.dtype_policy.name,
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
         "parameters": model.count_params(),
