@@ -69,6 +69,8 @@ class TrainConfig:
                                      "with --data-source tfds, TFDS's data_dir. Default: $MNIST_DATA_DIR.",
                                      metavar="DIR")
     output_dir: Optional[str] = option(None, "Run folder. Default: saved_models/<arch>.", metavar="DIR")
+    workers: int = option(1, "Start this many worker processes on local loopback ports and train with "
+                          "multi_worker across them (each runs this same command with TF_CONFIG set).")
     overwrite: bool = option(False, "Replace an existing finished run in the output folder.")
     dry_run: bool = option(False, "Train and evaluate on a few batches only, and write nothing.")
     verbose: int = option(1, "0: quiet, 1: progress bar per epoch.")
@@ -85,6 +87,10 @@ class TrainConfig:
         check_range("validation_size", self.validation_size, minimum=0, maximum=59_000)
         check_range("steps_per_execution", self.steps_per_execution, minimum=1)
         check_range("seed", self.seed, minimum=0)
+        check_range("workers", self.workers, minimum=1)
+        if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
+            raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
+                              f"Received: --strategy {self.strategy}")
 
 
 # Per-architecture defaults, chosen for accuracy within a minute of training on
