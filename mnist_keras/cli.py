@@ -75,7 +75,20 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     from mnist_keras import artifacts, train
 
     output_dir = None if config.dry_run else (config.output_dir or artifacts.default_run_dir(config.arch))
-    result = train.run(config, output_dir=output_dir, callbacks=_test_callbacks())
+    try:
+        result = train.run(config, output_dir=output_dir, callbacks=_test_callbacks())
+    except Exception as error:
+        # A multi-worker collective aborted (a peer died, or a timeout): one clear line, not a traceback.
+        import tensorflow as tf
+
+        if not (os.environ.get("TF_CONFIG") and isinstance(error, tf.errors.OpError)):
+            raise
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras"
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{prog}: error: multi-worker training stopped ({type(error).__name__}: {detail}); "
+              "another worker probably died. Start every worker again to resume from the last epoch's backup.",
+              file=sys.stderr)
+        return EXIT_FAILURE
     _dump_weights_for_tests(result.model)
     metrics = result.metrics
     print(f"{config.arch}: test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "

@@ -78,7 +78,8 @@ def run(
     """
     started = time.perf_counter()
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
-    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices)
+    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
+                                                              config.collective_timeout)
     chief = strategy_lib.is_chief(strategy)
     run_dir = None
     if output_dir is not None and not config.dry_run and chief:
