@@ -15,7 +15,8 @@ setup(
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # psutil: the multi-worker tests find and kill one worker of a launched cluster.
+        "dev": ["pytest>=8", "psutil>=5.9"],
     },
     entry_points={
         "console_scripts": [

@@ -21,7 +21,6 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import keras
 import tensorflow as tf

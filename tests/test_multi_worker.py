@@ -11,7 +11,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from mnist_keras import artifacts, backup, launch
 from mnist_keras.cli import _CRASH_AFTER_EPOCH_ENV, _WEIGHTS_DUMP_ENV, _without_workers_flag
