@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from mnist_keras import artifacts, backup, launch
 from mnist_keras.cli import _CRASH_AFTER_EPOCH_ENV, _WEIGHTS_DUMP_ENV, _without_workers_flag
@@ -117,3 +118,14 @@ def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         [artifacts.MODEL_FILE, artifacts.CONFIG_FILE, artifacts.HISTORY_FILE, artifacts.METRICS_FILE,
          artifacts.LOGS_DIR])
+
+
+def test_bad_workers_and_timeout_values_name_the_flag():
+    from mnist_keras.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        TrainConfig(workers=0)
+    with pytest.raises(ConfigError, match="--workers 2 needs --strategy auto or multi_worker"):
+        TrainConfig(workers=2, strategy="default")
+    with pytest.raises(ConfigError, match="--collective-timeout must be >= 0"):
+        TrainConfig(collective_timeout=-1.0)
