@@ -26,7 +26,11 @@ def crash_after(epochs_done: int):
 def test_killed_run_resumes_at_first_unfinished_epoch(tiny_mnist, tmp_path, strategy_name, caplog):
     def strategy():
         if strategy_name == "mirrored":
-            return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+            # Not the default collective all-reduce: collective instance keys restart with every
+            # MirroredStrategy in a process, and TensorFlow caches their shapes, so a later test's
+            # mirrored strategy on another model would hit this test's cached shapes.
+            return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                                  cross_device_ops=tf.distribute.ReductionToOneDevice())
         return tf.distribute.get_strategy()
 
     config = tiny_config(epochs=3, batch_size=64)
