@@ -36,8 +36,9 @@ HISTORY_FILE = "history.json"
 class EpochBackup:
     """Saves and restores (model, optimizer, finished epochs, history) for one run folder.
 
-    Create it after the model and its optimizer variables exist; call `restore()` once before training, use the instance as
-    an epoch callback, and call `remove()` after the run's results are written.
+    Create it after the model and its optimizer variables exist; call
+    `restore()` once before training, use the instance as an epoch callback,
+    and call `remove()` after the run's results are written.
     """
 
     def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, run_dir: Path | str,
