@@ -70,7 +70,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     config = config_lib.config_from_flags(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
     _setup_logging(config.verbose)
     if config.workers > 1:
-        return _launch_workers(list(sys.argv[1:] if argv is None else argv), config.workers)
+        return _launch_workers(argv, config.workers)
 
     from mnist_keras import artifacts, train
 
@@ -111,15 +111,20 @@ def _without_workers_flag(argv: Sequence[str]) -> list[str]:
     return kept
 
 
-def _launch_workers(argv: Sequence[str], workers: int) -> int:
+def _launch_workers(argv: Optional[Sequence[str]], workers: int) -> int:
     """`--workers N`: run this same command as N local workers (see mnist_keras/launch.py)."""
     from mnist_keras import launch
 
     if os.environ.get("TF_CONFIG"):
         raise config_lib.ConfigError("--workers starts its own cluster and cannot be used with TF_CONFIG set; "
                                      "unset TF_CONFIG or drop --workers")
-    command = [sys.executable, "-c", "import sys; from mnist_keras.cli import train_main; "
-               "sys.exit(train_main())", *_without_workers_flag(argv)]
+    if argv is None and sys.argv and os.path.isfile(sys.argv[0]):
+        # The script the user ran (scripts/train.py or the console script), so workers name it in errors.
+        program = [sys.executable, sys.argv[0]]
+        argv = sys.argv[1:]
+    else:
+        program = [sys.executable, "-c", "import sys; from mnist_keras.cli import train_main; sys.exit(train_main())"]
+    command = [*program, *_without_workers_flag(argv or [])]
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras"
     result = launch.launch_local(command, workers)
     if not result.ok:
