@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 # Optional features, each its own extra; `dev` is everything the tests need.
 EXTRAS = {
-    # Peak resident memory per benchmark row.
+    # psutil: peak resident memory per benchmark row; the multi-worker tests find and kill a worker.
     "benchmark": ["psutil>=5.9"],
     # keras-tuner searches (scripts/tune.py); the bayesian tuner needs scipy and scikit-learn.
     "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],

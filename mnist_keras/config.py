@@ -77,6 +77,10 @@ class TrainConfig:
                                      "with --data-source tfds, TFDS's data_dir. Default: $MNIST_DATA_DIR.",
                                      metavar="DIR")
     output_dir: Optional[str] = option(None, "Run folder. Default: saved_models/<arch>.", metavar="DIR")
+    workers: int = option(1, "Start this many worker processes on local loopback ports and train with "
+                          "multi_worker across them (each runs this same command with TF_CONFIG set).")
+    collective_timeout: float = option(300.0, "multi_worker: seconds one all-reduce may wait for the other "
+                                       "workers before the run fails (0: no limit).")
     overwrite: bool = option(False, "Replace an existing finished run in the output folder.")
     export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel and "
                           "every TFLite variant, each loaded back and scored on the test set.")
@@ -104,6 +108,11 @@ class TrainConfig:
         check_range("validation_size", self.validation_size, minimum=0, maximum=59_000)
         check_range("steps_per_execution", self.steps_per_execution, minimum=1)
         check_range("seed", self.seed, minimum=0)
+        check_range("workers", self.workers, minimum=1)
+        check_range("collective_timeout", self.collective_timeout, minimum=0.0)
+        if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
+            raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
+                              f"Received: --strategy {self.strategy}")
 
 
 @dataclasses.dataclass(frozen=True)

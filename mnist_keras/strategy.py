@@ -12,6 +12,8 @@ import tensorflow as tf
 logger = logging.getLogger(__name__)
 
 STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+# Seconds one multi-worker collective may wait for its peers before it fails with DeadlineExceeded.
+DEFAULT_COLLECTIVE_TIMEOUT = 300.0
 
 
 def tf_config_worker_count() -> int:
@@ -35,11 +37,19 @@ def configure_logical_cpus(count: int) -> None:
     tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
 
 
-def resolve_strategy(name: str = "auto", devices: Sequence[str] = ()) -> tf.distribute.Strategy:
+def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
+                     collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> tf.distribute.Strategy:
     """The strategy called `name`.
 
     auto: multi_worker when TF_CONFIG names more than one worker, mirrored over
     all GPUs when more than one is visible, else the default strategy.
+
+    A multi-worker run must not hang when a peer dies. Two mechanisms bound it:
+    TensorFlow's coordination service (which MultiWorkerMirroredStrategy starts
+    with its heartbeat health check on) aborts collectives when a peer stops
+    answering, and `collective_timeout` (seconds, 0 = none) fails any single
+    all-reduce that waits longer than that, which also catches a peer that is
+    alive but stuck.
     """
     devices = list(devices)
     if name not in STRATEGY_NAMES:
@@ -57,7 +67,9 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = ()) -> tf.dist
         if devices:
             raise ValueError("--devices cannot be combined with --strategy multi_worker "
                              "(each worker uses its local GPUs, or its CPU)")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout if collective_timeout > 0 else None)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     elif name == "mirrored":
         _check_devices(devices)
         strategy = tf.distribute.MirroredStrategy(devices or None)

@@ -12,12 +12,13 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import keras
 import tensorflow as tf
 
 from mnist_keras import artifacts
+from mnist_keras import backup as backup_lib
 from mnist_keras import data as data_lib
 from mnist_keras import export as export_lib
 from mnist_keras import loop as loop_lib
@@ -70,17 +71,24 @@ def run(
     strategy: Optional[tf.distribute.Strategy] = None,
     output_dir: Optional[Path | str] = None,
     hyperparameters: Optional[Mapping[str, Any]] = None,
+    callbacks: Sequence[loop_lib.EpochCallback] = (),
 ) -> TrainResult:
     """Train `config.arch`, evaluate on the test set, and write the run folder (if `output_dir`).
 
     `hyperparameters` (layer sizes, e.g. `hidden_units=(64, 32)`) go to the
     model builder; the tuner's retrained winner uses them, and they are
     recorded in config.json and metrics.json.
+
+    With an `output_dir`, the training state is backed up at every epoch end
+    into `<output_dir>/backup`; a run started again on a folder holding a backup
+    resumes at its first unfinished epoch. Under multi-worker training only the
+    chief writes `output_dir`. `callbacks` run after each epoch, after the backup.
     """
     hyperparameters = dict(hyperparameters or {})
     started = time.perf_counter()
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
-    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices)
+    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
+                                                              config.collective_timeout)
     chief = strategy_lib.is_chief(strategy)
     run_dir = None
     if output_dir is not None and not config.dry_run and chief:
@@ -98,15 +106,30 @@ def run(
     model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
     training = loop_lib.TrainingLoop(model, strategy, config.batch_size, config.steps_per_execution)
 
-    callbacks = []
+    # Every worker takes part in backups (saving reads variables through collectives); only the
+    # chief's lands in the run folder.
+    backup = None
+    initial_epoch = 0
+    if output_dir is not None and not config.dry_run:
+        backup = backup_lib.EpochBackup(model, strategy, output_dir, chief=chief)
+        initial_epoch = backup.restore()
+    epoch_callbacks: list = [backup] if backup is not None else []
     if run_dir is not None:
-        callbacks.append(tensorboard_callback(run_dir / artifacts.LOGS_DIR))
+        epoch_callbacks.append(tensorboard_callback(run_dir / artifacts.LOGS_DIR))
+    epoch_callbacks.extend(callbacks)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     train_started = time.perf_counter()
-    history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
-                           validation_data=validation, callbacks=callbacks, verbose=config.verbose,
-                           shift_pixels=config.shift_pixels)
+    try:
+        history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
+                               validation_data=validation, initial_epoch=initial_epoch,
+                               callbacks=epoch_callbacks, verbose=config.verbose,
+                               shift_pixels=config.shift_pixels)
+    finally:
+        if backup is not None:
+            backup.discard_temporary()
     train_seconds = time.perf_counter() - train_started
+    if backup is not None:
+        history = backup.history  # every epoch, including those before a resume
     test = training.evaluate(data.x_test, data.y_test)
 
     metrics = {
@@ -114,6 +137,7 @@ def run(
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "epochs": config.epochs,
+        "resumed_at_epoch": initial_epoch + 1 if initial_epoch else None,
         "batch_size": config.batch_size,
         "recipe": config.recipe,
         "dtype_policy": model.dtype_policy.name,
@@ -138,8 +162,10 @@ def run(
     exported = None
     if run_dir is not None:
         write_run(run_dir, model, config, history, metrics, hyperparameters)
-        if config.export:
-            exported = export_run(run_dir, config, data)
+    if backup is not None:
+        backup.remove()
+    if run_dir is not None and config.export:
+        exported = export_run(run_dir, config, data)
     return TrainResult(model, history, metrics, config, run_dir, exported)
 
 

@@ -1,0 +1,131 @@
+"""Multi-worker training across real processes on loopback, and the local launcher.
+
+MultiWorkerMirroredStrategy cannot be created twice in one process, so every
+multi-worker run here is a subprocess (`train.py --workers 2`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mnist_keras import artifacts, backup, launch
+from mnist_keras.cli import _CRASH_AFTER_EPOCH_ENV, _WEIGHTS_DUMP_ENV, _without_workers_flag
+from tests.conftest import REPO_ROOT
+
+TRAIN = str(REPO_ROOT / "scripts" / "train.py")
+
+
+def env_with(**extra):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+def write_npz(folder, data):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "mnist.npz", x_train=np.concatenate([data.x_train, data.x_val]),
+             y_train=np.concatenate([data.y_train, data.y_val]), x_test=data.x_test, y_test=data.y_test)
+    return folder
+
+
+def assert_same_weights(folder, workers=2):
+    dumps = [np.load(folder / f"worker{i}.npz") for i in range(workers)]
+    assert len(dumps[0].files) > 0
+    for other in dumps[1:]:
+        assert dumps[0].files == other.files
+        for key in dumps[0].files:
+            np.testing.assert_array_equal(dumps[0][key], other[key])
+
+
+# -- the launcher on its own (no TensorFlow) ----------------------------------
+
+
+def test_tf_configs_name_every_worker_once():
+    ports = launch.free_loopback_ports(3)
+    assert len(set(ports)) == 3
+    configs = [json.loads(c) for c in launch.tf_configs(ports)]
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert all(c["cluster"]["worker"] == [f"localhost:{p}" for p in ports] for c in configs)
+
+
+def test_workers_flag_is_removed_from_the_workers_command():
+    assert _without_workers_flag(["--arch", "cnn", "--workers", "2", "--epochs", "1"]) == \
+        ["--arch", "cnn", "--epochs", "1"]
+    assert _without_workers_flag(["--workers=3", "--seed", "2"]) == ["--seed", "2"]
+
+
+def test_launcher_prefixes_output_and_succeeds(tmp_path):
+    output = tmp_path / "log.txt"
+    script = "import json, os; print('task', json.loads(os.environ['TF_CONFIG'])['task']['index'])"
+    with open(output, "w") as handle:
+        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle)
+    assert result.ok and result.returncodes == (0, 0)
+    assert sorted(output.read_text().splitlines()) == ["[worker 0] task 0", "[worker 1] task 1"]
+
+
+def test_launcher_stops_the_others_and_names_the_failed_worker(tmp_path):
+    # Worker 1 dies at once; worker 0 would sleep for a minute.
+    script = ("import json, os, sys, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
+              "sys.exit(3) if i == 1 else time.sleep(60)")
+    started = time.monotonic()
+    with open(tmp_path / "log.txt", "w") as handle:
+        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle)
+    assert time.monotonic() - started < 30
+    assert result.failed_worker == 1 and result.returncodes[1] == 3 and result.returncodes[0] != 0
+    assert result.describe_failure().startswith("worker 1 failed (exit status 3)")
+
+
+def test_workers_flag_refuses_an_explicit_single_process_strategy():
+    result = subprocess.run([sys.executable, TRAIN, "--workers", "2", "--strategy", "mirrored"],
+                            capture_output=True, text=True, env=env_with(), timeout=120)
+    assert result.returncode == 2 and "needs --strategy auto or multi_worker" in result.stderr
+
+
+# -- two real workers ------------------------------------------------------------
+
+
+def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path):
+    """Crash both workers after epoch 1 (after its backup), start again: resume at epoch 2,
+    every worker ends with the same weights, and only the chief wrote the run folder."""
+    data_dir = write_npz(tmp_path / "data", tiny_mnist)
+    run_dir, dumps = tmp_path / "run", tmp_path / "weights"
+    command = [sys.executable, TRAIN, "--arch", "mlp_small", "--epochs", "2", "--batch-size", "64",
+               "--validation-size", "128", "--steps-per-execution", "4", "--data-dir", str(data_dir),
+               "--output-dir", str(run_dir), "--workers", "2"]
+    crashed = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                             env=env_with(**{_CRASH_AFTER_EPOCH_ENV: "1"}))
+    assert crashed.returncode == 1, crashed.stdout + crashed.stderr
+    assert "error: worker" in crashed.stderr and "failed (exit status 17)" in crashed.stderr
+    assert (run_dir / backup.BACKUP_DIR).is_dir() and not artifacts.is_finished_run(run_dir)
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                             env=env_with(**{_WEIGHTS_DUMP_ENV: str(dumps)}))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    lines = resumed.stdout.splitlines()
+    for worker in (0, 1):
+        assert any(line.startswith(f"[worker {worker}]") and "Resuming at epoch 2" in line for line in lines)
+    assert_same_weights(dumps)
+    metrics = json.loads((run_dir / artifacts.METRICS_FILE).read_text())
+    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
+    assert metrics["resumed_at_epoch"] == 2
+    assert len(json.loads((run_dir / artifacts.HISTORY_FILE).read_text())["loss"]) == 2
+    assert not (run_dir / backup.BACKUP_DIR).exists()
+    # Only the chief's "Saved to" line, and the run folder holds nothing but the chief's files.
+    assert [line for line in lines if "Saved to" in line] == [f"[worker 0] Saved to {run_dir}"]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        [artifacts.MODEL_FILE, artifacts.CONFIG_FILE, artifacts.HISTORY_FILE, artifacts.METRICS_FILE,
+         artifacts.LOGS_DIR])
+
+
+def test_bad_workers_and_timeout_values_name_the_flag():
+    from mnist_keras.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        TrainConfig(workers=0)
+    with pytest.raises(ConfigError, match="--workers 2 needs --strategy auto or multi_worker"):
+        TrainConfig(workers=2, strategy="default")
+    with pytest.raises(ConfigError, match="--collective-timeout must be >= 0"):
+        TrainConfig(collective_timeout=-1.0)

@@ -1,0 +1,145 @@
+"""Scaling out on the real MNIST (marker `slow`): multi-worker and mirrored runs match a
+single-process run, and runs killed with SIGKILL resume at their first unfinished epoch.
+
+Every run trains the default CNN recipe for EPOCHS epochs (fewer than the preset's 10, to keep
+CI short) with the same seed and global batch size, so they differ only in how the batches are
+split across replicas.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import tensorflow as tf
+
+from mnist_keras import artifacts, config as config_lib, train
+from mnist_keras.cli import _WEIGHTS_DUMP_ENV
+from tests.test_multi_worker import TRAIN, assert_same_weights, env_with
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+def cnn_config(**overrides):
+    return config_lib.preset_config(config_lib.TrainConfig, config_lib.TRAIN_PRESETS, "cnn",
+                                    epochs=EPOCHS, verbose=0, **overrides)
+
+
+def accuracy(run_dir):
+    return json.loads((run_dir / artifacts.METRICS_FILE).read_text())["test_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def single_process_accuracy(real_mnist):
+    """Test accuracy of the default strategy (one process, one replica)."""
+    return train.run(cnn_config(), data=real_mnist, strategy=tf.distribute.get_strategy()).metrics["test_accuracy"]
+
+
+def cli_command(real_mnist_dir, run_dir, *extra):
+    return [sys.executable, TRAIN, "--arch", "cnn", "--epochs", str(EPOCHS), "--data-dir", str(real_mnist_dir),
+            "--output-dir", str(run_dir), *extra]
+
+
+class Watched:
+    """A subprocess whose merged output is collected line by line while it runs."""
+
+    def __init__(self, command, env):
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env)
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, fragment, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(fragment in line for line in self.lines):
+                return time.monotonic()
+            assert self.process.poll() is None, "".join(self.lines)
+            time.sleep(0.1)
+        raise AssertionError(f"{fragment!r} not seen in {timeout} s:\n" + "".join(self.lines))
+
+    def finish(self, timeout=600):
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return self.process.returncode, "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(real_mnist_dir, tmp_path_factory):
+    """(run folder, weight dumps) of an uninterrupted `--workers 2` run."""
+    folder = tmp_path_factory.mktemp("two_workers")
+    run_dir, dumps = folder / "run", folder / "weights"
+    result = subprocess.run(cli_command(real_mnist_dir, run_dir, "--workers", "2", "--verbose", "0"),
+                            capture_output=True, text=True, timeout=900,
+                            env=env_with(**{_WEIGHTS_DUMP_ENV: str(dumps)}))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, dumps
+
+
+def test_two_workers_match_a_single_process(two_worker_run, single_process_accuracy):
+    run_dir, dumps = two_worker_run
+    assert_same_weights(dumps)
+    metrics = json.loads((run_dir / artifacts.METRICS_FILE).read_text())
+    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2 and metrics["batch_size"] == 128
+    assert abs(metrics["test_accuracy"] - single_process_accuracy) <= 0.003, (metrics, single_process_accuracy)
+
+
+def test_mirrored_over_two_cpus_matches_default(real_mnist, single_process_accuracy):
+    # ReductionToOneDevice: see tests/test_backup.py (collective keys are reused across strategies).
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
+    metrics = train.run(cnn_config(), data=real_mnist, strategy=mirrored).metrics
+    assert metrics["replicas"] == 2
+    print(f"mirrored {metrics['test_accuracy']:.4f} vs default {single_process_accuracy:.4f}")
+    assert abs(metrics["test_accuracy"] - single_process_accuracy) <= 0.003, (metrics, single_process_accuracy)
+
+
+def test_kill_during_epoch_3_then_resume(real_mnist_dir, single_process_accuracy, tmp_path):
+    run_dir = tmp_path / "run"
+    command = cli_command(real_mnist_dir, run_dir)
+    first = Watched(command, env_with())
+    epoch_2 = first.wait_for(f"Epoch 2/{EPOCHS}")
+    epoch_3 = first.wait_for(f"Epoch 3/{EPOCHS}")
+    time.sleep((epoch_3 - epoch_2) / 3)  # a third of the way into epoch 3
+    first.process.send_signal(signal.SIGKILL)
+    code, output = first.finish()
+    assert code == -signal.SIGKILL and not artifacts.is_finished_run(run_dir), output
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env_with())
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Resuming at epoch 3" in second.stderr
+    assert "Epoch 1/" not in second.stdout and f"Epoch 3/{EPOCHS}" in second.stdout
+    assert len(json.loads((run_dir / artifacts.HISTORY_FILE).read_text())["loss"]) == EPOCHS
+    assert abs(accuracy(run_dir) - single_process_accuracy) <= 0.002, (accuracy(run_dir), single_process_accuracy)
+
+
+def test_killed_worker_fails_the_launcher_then_the_cluster_resumes(real_mnist_dir, two_worker_run, tmp_path):
+    run_dir = tmp_path / "run"
+    command = cli_command(real_mnist_dir, run_dir, "--workers", "2")
+    launcher = Watched(command, env_with())
+    launcher.wait_for(f"[worker 1] Epoch 2/{EPOCHS}")
+    workers = psutil.Process(launcher.process.pid).children()
+    worker_1 = next(p for p in workers if '"index": 1' in p.environ().get("TF_CONFIG", ""))
+    worker_1.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    code, output = launcher.finish(timeout=180)
+    assert time.monotonic() - killed_at < 120
+    assert code != 0 and "error: worker 1 failed (killed by SIGKILL)" in output, output
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env_with())
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "[worker 0]" in resumed.stdout and "Resuming at epoch 2" in resumed.stdout
+    uninterrupted = accuracy(two_worker_run[0])
+    assert abs(accuracy(run_dir) - uninterrupted) <= 0.002, (accuracy(run_dir), uninterrupted)
