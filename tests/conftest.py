@@ -49,7 +49,10 @@ def tiny_mnist() -> data_lib.MnistData:
 
 @pytest.fixture()
 def mirrored_strategy() -> tf.distribute.Strategy:
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # ReductionToOneDevice: NCCL-free, and it does not share collective keys with other
+    # MirroredStrategy objects in this process (shared keys clash when models differ).
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
 @pytest.fixture(scope="session")
