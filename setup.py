@@ -15,11 +15,16 @@ setup(
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "gradio>=6.31,<6.32", "playwright>=1.65"],
+        # The draw-a-digit web app (scripts/serve.py). Its browser test also needs Playwright
+        # and a Chromium: Debian's `chromium` package (CI installs it with apt-get).
+        "serve": ["gradio>=6.31,<6.32"],
+        "browser": ["gradio>=6.31,<6.32", "playwright>=1.65"],
     },
     entry_points={
         "console_scripts": [
             "mnist-keras-train=mnist_keras.cli:train_main",
+            "mnist-keras-serve=mnist_keras.cli:serve_main",
         ],
     },
 )

@@ -74,3 +74,34 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     if result.output_dir is not None:
         print(f"Saved to {result.output_dir}")
     return 0
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serve.py",
+        description="Serve a web page to draw a digit and see the model's answer, and a JSON endpoint "
+                    "(POST /classify with an image). Listens on 127.0.0.1 unless --host says otherwise.")
+    config_lib.add_config_flags(parser, config_lib.ServeConfig)
+    return parser
+
+
+@_entry_point
+def serve_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python scripts/serve.py --arch cnn` or `--model PATH`"""
+    args = serve_parser().parse_args(argv)
+    config = config_lib.config_from_flags(config_lib.ServeConfig, args)
+    _setup_logging(config.verbose)
+
+    from mnist_keras import artifacts, serve
+
+    model_path = config.model or artifacts.default_run_dir(config.arch)
+    model = artifacts.load_model(model_path)
+    app = serve.build_app(model, config)
+    server = serve.start_server(app, config.host, config.port, log_level="info" if config.verbose else "warning")
+    print(f"Serving {model.description} at {server.url}/  (JSON: POST {server.url}{serve.ENDPOINT}; "
+          f"Ctrl-C stops)", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
