@@ -314,3 +314,15 @@ def test_bad_input_gets_a_clear_answer_and_the_app_keeps_serving(app_url, browse
     page.close()
     status, answer = post(app_url, digit, "image/png")
     assert status == 200 and answer["digit"] == real_mnist.y_test[0]
+
+
+def test_serve_command_line_help_and_one_line_errors(tmp_path):
+    from tests.test_cli import assert_one_line_error, run_script
+
+    result = run_script("scripts/serve.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--arch", "--model", "--host", "--port", "--max-upload-bytes"):
+        assert flag in result.stdout
+    assert_one_line_error(run_script("scripts/serve.py", "--model", str(tmp_path / "missing.keras")),
+                          "missing.keras", "no such model")
+    assert_one_line_error(run_script("scripts/serve.py", "--port", "-1"), "--port must be >= 0")
