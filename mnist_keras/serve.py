@@ -171,8 +171,10 @@ def build_blocks(classifier: DigitClassifier, model_description: str = "") -> An
                 with gr.Row():
                     classify_button = gr.Button("Classify", variant="primary", elem_id="classify")
                     clear_button = gr.Button("Clear", elem_id="clear")
-                upload = gr.Image(label="Or upload a photo of a digit", type="filepath", sources=["upload"],
-                                  height=200, elem_id="upload")
+                # A File box rather than gr.Image: gr.Image decodes the upload itself and answers a
+                # non-image with a bare "Error"; here load_image's failure becomes a message.
+                upload = gr.File(label="Or upload a photo of a digit", file_types=["image"], type="filepath",
+                                 height=120, elem_id="upload")
             with gr.Column(min_width=320):
                 status = gr.Markdown(EMPTY_CANVAS_MESSAGE, elem_id="status")
                 label = gr.Label(label="Top digits", num_top_classes=classifier.top_k, elem_id="prediction")
