@@ -11,7 +11,6 @@ import io
 import json
 import re
 import os
-import shutil
 import statistics
 import time
 import urllib.error
