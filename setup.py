@@ -6,6 +6,11 @@ EXTRAS = {
     "benchmark": ["psutil>=5.9"],
     # keras-tuner searches (scripts/tune.py); the bayesian tuner needs scipy and scikit-learn.
     "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],
+    # The draw-a-digit web app (scripts/serve.py).
+    "serve": ["gradio>=6.31,<6.32"],
+    # Its browser test also needs Playwright and a Chromium: Debian's `chromium`
+    # package (.ci/run installs it with apt-get; Playwright's own download is not used).
+    "browser": ["gradio>=6.31,<6.32", "playwright>=1.65"],
 }
 EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for extra in EXTRAS.values() for requirement in extra)})
 
@@ -37,6 +42,7 @@ setup(
             "mnist-keras-evaluate=mnist_keras.cli:evaluate_main",
             "mnist-keras-predict=mnist_keras.cli:predict_main",
             "mnist-keras-benchmark=mnist_keras.cli:benchmark_main",
+            "mnist-keras-serve=mnist_keras.cli:serve_main",
         ],
     },
 )

@@ -146,7 +146,7 @@ seed, i.e. the fixed model with its preset learning rate, is always trial 1):
              learning_rate                                       seed 1e-2
   cnn        filters_1, filters_2 in [--min-filters, --max-filters]  seed 10, 20
              dense_units in [--min-units, --max-units]           seed 50
-             learning_rate                                       seed 4e-3
+             learning_rate                                       seed: the cnn preset
 The objective is validation accuracy on the split carved from the training set;
 the test set is used once, on the winner retrained on train+validation.
 Re-running the same command resumes an unfinished search."""
@@ -373,3 +373,34 @@ def _test_callbacks() -> list:
             os._exit(17)  # like kill -9: no cleanup, no exception handling
 
     return [crash]
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serve.py",
+        description="Serve a web page to draw a digit and see the model's answer, and a JSON endpoint "
+                    "(POST /classify with an image). Listens on 127.0.0.1 unless --host says otherwise.")
+    config_lib.add_config_flags(parser, config_lib.ServeConfig)
+    return parser
+
+
+@_entry_point
+def serve_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python scripts/serve.py --arch cnn` or `--model PATH`"""
+    args = serve_parser().parse_args(argv)
+    config = config_lib.config_from_flags(config_lib.ServeConfig, args)
+    _setup_logging(config.verbose)
+
+    from mnist_keras import artifacts, serve
+
+    model_path = config.model or artifacts.default_run_dir(config.arch)
+    model = artifacts.load_model(model_path)
+    app = serve.build_app(model, config)
+    server = serve.start_server(app, config.host, config.port, log_level="info" if config.verbose else "warning")
+    print(f"Serving {model.description} at {server.url}/  (JSON: POST {server.url}{serve.ENDPOINT}; "
+          f"Ctrl-C stops)", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0

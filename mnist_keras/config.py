@@ -457,3 +457,24 @@ class PredictConfig:
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, ARCHITECTURES)
         check_range("top_k", self.top_k, minimum=1, maximum=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The draw-a-digit web app: which model, where it listens, what it accepts."""
+
+    arch: str = option("cnn", "Serve saved_models/<arch>/ when --model is not given.", choices=ARCHITECTURES)
+    model: Optional[str] = option(None, "Model to serve: a .keras file, a SavedModel folder, a .tflite file "
+                                  "or a run folder. Default: saved_models/<arch>/.", metavar="PATH")
+    host: str = option("127.0.0.1", "Address to listen on. The default answers this machine only; "
+                       "0.0.0.0 opens it to the network.")
+    port: int = option(7860, "TCP port (0: any free port).")
+    top_k: int = option(3, "Digits shown and returned per image, most probable first.")
+    max_upload_bytes: int = option(2_000_000, "Largest image accepted by the page and the JSON endpoint.")
+    verbose: int = option(1, "0: warnings only, 1: log requests and start-up.")
+
+    def __post_init__(self) -> None:
+        check_choice("arch", self.arch, ARCHITECTURES)
+        check_range("port", self.port, minimum=0, maximum=65535)
+        check_range("top_k", self.top_k, minimum=1, maximum=10)
+        check_range("max_upload_bytes", self.max_upload_bytes, minimum=1024)

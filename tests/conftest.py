@@ -22,6 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains on the real MNIST (needs MNIST_DATA_DIR)")
+    config.addinivalue_line("markers", "browser: drives the web app in headless Chromium (needs playwright, "
+                                       "/usr/bin/chromium)")
 
 
 @pytest.fixture(scope="session")
