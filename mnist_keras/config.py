@@ -220,6 +220,7 @@ class TuneConfig:
         check_range("verbose", self.verbose, minimum=0, maximum=2)
 
 
+@dataclasses.dataclass(frozen=True)
 class BenchmarkConfig:
     """What `benchmark.py` measures: training speed, time to accuracy, inference speed."""
 

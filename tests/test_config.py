@@ -51,3 +51,15 @@ def test_config_is_frozen_and_round_trips():
 def test_bad_values_name_the_flag(overrides, flag):
     with pytest.raises(ConfigError, match=f"{flag} must .* Received"):
         TrainConfig(**overrides)
+
+
+CONFIG_CLASSES = [value for name, value in vars(config_lib).items()
+                  if name.endswith("Config") and isinstance(value, type) and name != "ConfigError"]
+
+
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES, ids=lambda cls: cls.__name__)
+def test_every_job_config_is_frozen_and_makes_flags(config_cls):
+    assert dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen
+    parser = argparse.ArgumentParser()
+    config_lib.add_config_flags(parser, config_cls)
+    assert len(CONFIG_CLASSES) >= 6
