@@ -137,16 +137,18 @@ def _print_export_table(result) -> None:
     print(f"Saved to {result.output_dir}")
 
 
-TUNE_SPACES_HELP = """\
+# The learning-rate seeds come from the training presets, so this text cannot drift from them.
+_PRESET_LR = {arch: f"{preset['learning_rate']:g}" for arch, preset in config_lib.TRAIN_PRESETS.items()}
+TUNE_SPACES_HELP = f"""\
 search spaces (every width and the learning rate sampled on a log scale; the
 seed, i.e. the fixed model with its preset learning rate, is always trial 1):
   mlp        units_1, units_2 in [--min-units, --max-units]     seed 120, 84
-             learning_rate in [--min-learning-rate, --max-learning-rate]  seed 1e-3
+             learning_rate in [--min-learning-rate, --max-learning-rate]  seed {_PRESET_LR['mlp']}
   mlp_small  units_1, units_2 in [--min-units, --max-units]     seed 50, 50
-             learning_rate                                       seed 1e-2
+             learning_rate                                       seed {_PRESET_LR['mlp_small']}
   cnn        filters_1, filters_2 in [--min-filters, --max-filters]  seed 10, 20
              dense_units in [--min-units, --max-units]           seed 50
-             learning_rate                                       seed: the cnn preset
+             learning_rate                                       seed {_PRESET_LR['cnn']}
 The objective is validation accuracy on the split carved from the training set;
 the test set is used once, on the winner retrained on train+validation.
 Re-running the same command resumes an unfinished search."""
