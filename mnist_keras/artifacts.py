@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +66,27 @@ def _atomic_target(path: Path):
     return Path(temporary)
 
 
-def write_json(path: os.PathLike | str, payload: Any) -> Path:
-    """Write JSON via a temporary file and a rename, so readers never see half a file."""
+def write_atomically(path: os.PathLike | str, write: Callable[[Path], Any]) -> Path:
+    """`write(temporary_path)` beside `path`, then rename into place: readers never see half a file."""
     path = Path(path)
     temporary = _atomic_target(path)
     try:
-        temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        write(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def write_json(path: os.PathLike | str, payload: Any) -> Path:
+    """Write JSON atomically."""
+    return write_atomically(path, lambda temporary: temporary.write_text(
+        json.dumps(payload, indent=2, sort_keys=False) + "\n"))
+
+
+def write_text(path: os.PathLike | str, text: str) -> Path:
+    """Write text atomically."""
+    return write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 def read_json(path: os.PathLike | str) -> Any:
@@ -90,14 +101,7 @@ def read_json(path: os.PathLike | str) -> Any:
 
 def save_keras_model(model, path: os.PathLike | str) -> Path:
     """`model.save` to a temporary .keras file, then rename into place."""
-    path = Path(path)
-    temporary = _atomic_target(path)
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, model.save)
 
 
 # ---------------------------------------------------------------------------

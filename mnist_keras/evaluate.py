@@ -121,26 +121,12 @@ def _pyplot():
 
 
 def _save_figure(figure, path: Path) -> Path:
-    """savefig to a temporary file, then rename: readers never see half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    """savefig atomically: readers never see half a PNG."""
     try:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight")
-        os.replace(temporary, path)
+        return artifacts.write_atomically(
+            path, lambda temporary: figure.savefig(temporary, dpi=120, bbox_inches="tight", format="png"))
     finally:
-        temporary.unlink(missing_ok=True)
         _pyplot().close(figure)
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
 
 
 def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> Path:
@@ -452,6 +438,6 @@ def compare(models_dir: os.PathLike | str, overwrite: bool = False) -> tuple[lis
     _refuse_existing(targets, overwrite)
     rows = collect_runs(models_dir)
     table = comparison_markdown(rows)
-    _write_text(targets[0], table)
+    artifacts.write_text(targets[0], table)
     plot_comparison(rows, targets[1])
     return rows, targets
