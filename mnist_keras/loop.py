@@ -83,6 +83,10 @@ class TrainingLoop:
             model.optimizer.build(model.trainable_variables)
         self._train_steps = tf.function(self._train_steps_impl)
         self._eval_steps = tf.function(self._eval_steps_impl)
+        # Distributed evaluation datasets, built once per (images, labels) pair: the
+        # validation set is evaluated every epoch, and its dataset caches its batches.
+        # The arrays are kept alongside so that their ids cannot be reused while cached.
+        self._eval_datasets: dict = {}
 
     # -- replica functions ---------------------------------------------------
 
@@ -190,8 +194,12 @@ class TrainingLoop:
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict[str, float]:
         """Mean loss and accuracy over every example, reduced across all replicas and workers."""
-        dataset = self.strategy.distribute_datasets_from_function(
-            data_lib.eval_dataset_fn(images, labels, self.global_batch_size))
+        key = (id(images), id(labels))
+        if key not in self._eval_datasets:
+            dataset = self.strategy.distribute_datasets_from_function(
+                data_lib.eval_dataset_fn(images, labels, self.global_batch_size))
+            self._eval_datasets[key] = (images, labels, dataset)
+        dataset = self._eval_datasets[key][2]
         steps = data_lib.eval_steps(len(images), self.global_batch_size)
         return self._run_chunks(self._eval_steps, iter(dataset), steps, prefix=prefix)
 
