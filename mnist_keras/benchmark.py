@@ -7,6 +7,9 @@ writes it, with the exported models, when `output_dir` is given):
   loop, the arch's preset) and of a plain `model.fit` baseline at batch 64,
   each the median over the epochs after the first (which pays for tracing),
   with the peak resident memory sampled while that row ran;
+- profile: per architecture, TensorFlow's profiler over some training steps of
+  the default path, summed per op type and per layer, with the FLOP rate the
+  step reaches beside that of a large matmul on the same cores;
 - time_to_accuracy: for the CNN and each recipe, the training wall time until
   the test accuracy first reaches the target, evaluating after every epoch
   with the evaluation time kept off the clock and the data loading on it;
@@ -53,6 +56,7 @@ TIME_TO_ACCURACY_ARCH = "cnn"
 SMOKE_SIZES = {"train_size": 256, "validation_size": 0, "test_size": 64}
 SMOKE_EPOCHS = 2
 SMOKE_LATENCY_RUNS = 3
+SMOKE_PROFILE_STEPS = 2
 
 
 class MemorySampler:
@@ -248,6 +252,141 @@ def time_to_accuracy(config: BenchmarkConfig, recipe: str, data: data_lib.MnistD
 
 
 # ---------------------------------------------------------------------------
+# Profile: where a training step's time goes.
+# ---------------------------------------------------------------------------
+
+# Op types shown in the profile table; the rest are summed into one "other" row.
+PROFILE_TOP_OPS = 10
+# The matrix size of the reference matmul: large enough that the cores, not memory or
+# call overhead, bound it, so it shows what this machine can do at best.
+REFERENCE_MATMUL_SIZE = 1024
+
+
+def training_flops_per_image(model: keras.Model) -> int:
+    """Floating-point operations (2 per multiply-add) of one training image in `model`.
+
+    Every Conv2D and Dense layer costs its forward pass, the same again for the
+    gradient of its weights, and the same again for the gradient of its input,
+    except the first such layer: nothing needs the gradient of the pixels.
+    Pooling, activations and the optimizer are left out (they are small).
+    """
+    total, first = 0, True
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            kernel_height, kernel_width = layer.kernel_size
+            forward = 2 * height * width * filters * kernel_height * kernel_width * layer.input.shape[-1]
+        elif isinstance(layer, keras.layers.Dense):
+            forward = 2 * layer.input.shape[-1] * layer.units
+        else:
+            continue
+        total += forward * (2 if first else 3)
+        first = False
+    return total
+
+
+def reference_matmul_gflops(size: int = REFERENCE_MATMUL_SIZE, seconds: float = 1.0) -> float:
+    """GFLOP/s of a float32 `size` x `size` matmul on this machine (best of several timed calls)."""
+    matrix = tf.random.stateless_uniform([size, size], seed=[1, 2])
+    multiply = tf.function(lambda a: tf.linalg.matmul(a, a))
+    multiply(matrix).numpy()  # Warm-up: tracing.
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        multiply(matrix).numpy()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def _op_events(log_dir: str) -> list[tuple[str, str, float]]:
+    """(op type, op name, seconds) of every TensorFlow op the profiler recorded in `log_dir`."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    events = []
+    for path in Path(log_dir).rglob("*.xplane.pb"):
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(path.read_bytes())
+        for plane in space.planes:
+            for line in plane.lines:
+                for event in line.events:
+                    metadata = plane.event_metadata[event.metadata_id]
+                    # Op events are named "<op name>:<op type>" and carry the type as display name.
+                    if metadata.display_name and metadata.name.endswith(":" + metadata.display_name):
+                        events.append((metadata.display_name, metadata.name, event.duration_ps / 1e12))
+    return events
+
+
+def _layer_of(op_name: str, model: keras.Model) -> str:
+    """The model layer (or "optimizer", or "other") that an op of the training step belongs to."""
+    parts = op_name.split(":")[0].split("/")
+    names = {layer.name for layer in model.layers}
+    for part in parts:
+        # Keras suffixes name scopes with "_<n>": conv_2 runs under "conv_2_1".
+        for candidate in (part, part.rsplit("_", 1)[0]):
+            if candidate in names:
+                return candidate + (" (backward)" if "gradient_tape" in parts else " (forward)")
+    return "optimizer" if any(part.startswith("adam") for part in parts) else "other"
+
+
+def profile_training(config: BenchmarkConfig, arch: str, data: data_lib.MnistData, steps: int) -> dict:
+    """TensorFlow's profiler over `steps` training steps of the default path, summed per op type and layer.
+
+    The answer to "why is an epoch this slow": how much of the step each kind of
+    op takes, the FLOP rate the step reaches, and the rate of a large matmul on
+    the same cores for comparison.
+    """
+    train_config = _train_config(config, arch)
+    strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(config.seed)
+    model = train.build_compiled_model(train_config, len(data.x_train), strategy)
+    training = loop_lib.TrainingLoop(model, strategy, train_config.batch_size, train_config.steps_per_execution)
+    steps = min(steps, data_lib.steps_per_epoch(len(data.x_train), train_config.batch_size))
+    count = steps * train_config.batch_size
+    images, labels = data.x_train[:count], data.y_train[:count]
+    training.fit(images, labels, 1, seed=config.seed, verbose=0)  # Warm-up: tracing, allocation.
+    clock: list[float] = []
+    with tempfile.TemporaryDirectory() as log_dir:
+        tf.profiler.experimental.start(log_dir)
+        try:
+            started = time.perf_counter()
+            training.fit(images, labels, 1, seed=config.seed, verbose=0,
+                         callbacks=[lambda epoch, logs: clock.append(time.perf_counter() - started)])
+        finally:
+            tf.profiler.experimental.stop()
+        events = _op_events(log_dir)
+    step_seconds = clock[0] / steps
+    by_type: dict[str, float] = {}
+    by_layer: dict[str, float] = {}
+    for op_type, op_name, seconds in events:
+        by_type[op_type] = by_type.get(op_type, 0.0) + seconds
+        layer = _layer_of(op_name, model)
+        by_layer[layer] = by_layer.get(layer, 0.0) + seconds
+    op_seconds = sum(by_type.values())
+
+    def rows(totals: dict[str, float], key: str, top: Optional[int] = None) -> list[dict]:
+        ordered = sorted(totals.items(), key=lambda item: -item[1])
+        if top is not None and len(ordered) > top:
+            ordered = ordered[:top] + [("other", sum(seconds for _, seconds in ordered[top:]))]
+        return [{key: name, "ms_per_step": round(1000 * seconds / steps, 3),
+                 "share": round(seconds / op_seconds, 3)} for name, seconds in ordered]
+
+    flops = training_flops_per_image(model)
+    achieved = flops * train_config.batch_size / step_seconds / 1e9
+    return {
+        "arch": arch, "batch_size": train_config.batch_size, "steps": steps,
+        "step_ms": round(1000 * step_seconds, 3),
+        "images_per_second": round(train_config.batch_size / step_seconds, 1),
+        # Op time summed over TensorFlow's threads: more than the step time when ops overlap.
+        "op_ms_per_step": round(1000 * op_seconds / steps, 3),
+        "training_mflop_per_image": round(flops / 1e6, 3),
+        "achieved_gflops": round(achieved, 1),
+        "reference_matmul_gflops": round(reference_matmul_gflops(), 1),
+        "ops": rows(by_type, "op", PROFILE_TOP_OPS),
+        "layers": rows(by_layer, "layer"),
+    }
+
+
+# ---------------------------------------------------------------------------
 # Inference rows.
 # ---------------------------------------------------------------------------
 
@@ -335,7 +474,7 @@ def run(config: BenchmarkConfig, data: Optional[data_lib.MnistData] = None,
     epochs = SMOKE_EPOCHS if config.smoke else config.throughput_epochs
     latency_runs = SMOKE_LATENCY_RUNS if config.smoke else config.latency_runs
     report: dict[str, Any] = {"environment": environment(), "config": config_to_dict(config),
-                              "training": [], "time_to_accuracy": [], "inference": []}
+                              "training": [], "profile": [], "time_to_accuracy": [], "inference": []}
 
     started = time.perf_counter()
     if data is None:
@@ -354,6 +493,11 @@ def run(config: BenchmarkConfig, data: Optional[data_lib.MnistData] = None,
             row = model_fit_throughput(config, arch, data, epochs)
             _log(row, "training")
             report["training"].append(row)
+            if config.profile_steps:
+                row = profile_training(config, arch, data, SMOKE_PROFILE_STEPS if config.smoke
+                                       else config.profile_steps)
+                _log(row, "profile")
+                report["profile"].append(row)
             if arch == TIME_TO_ACCURACY_ARCH:
                 for recipe in config.recipes:
                     if arch not in TRAIN_RECIPES[recipe]:
@@ -421,6 +565,19 @@ def format_report(report: dict) -> str:
         ["arch", "path", "batch", "steps/call", "s/epoch", "images/s", "peak RSS MB"],
         [[r["arch"], r["path"], r["batch_size"], r["steps_per_execution"], r["median_epoch_seconds"],
           r["images_per_second"], r["peak_rss_mb"]] for r in report["training"]]))
+    for profile in report.get("profile", []):
+        parts.append(
+            f"Profile of {profile['steps']} training steps ({profile['arch']}, batch {profile['batch_size']}): "
+            f"{profile['step_ms']} ms/step, {profile['images_per_second']} images/s; "
+            f"{profile['training_mflop_per_image']} MFLOP per training image -> {profile['achieved_gflops']} "
+            f"GFLOP/s reached, against {profile['reference_matmul_gflops']} GFLOP/s for a "
+            f"{REFERENCE_MATMUL_SIZE}x{REFERENCE_MATMUL_SIZE} matmul on the same cores. "
+            f"Op time (summed over threads): {profile['op_ms_per_step']} ms/step\n"
+            + _table(["op type", "ms/step", "share"],
+                     [[r["op"], r["ms_per_step"], f"{100 * r['share']:.1f}%"] for r in profile["ops"]])
+            + "\n\n" + _table(["layer", "ms/step", "share"],
+                                [[r["layer"], r["ms_per_step"], f"{100 * r['share']:.1f}%"]
+                                 for r in profile["layers"]]))
     if report["time_to_accuracy"]:
         target = report["time_to_accuracy"][0]["target_accuracy"]
         parts.append(f"Time to {100 * target:.1f}% test accuracy (data loading included, evaluation excluded)\n"

@@ -230,6 +230,8 @@ class BenchmarkConfig:
     target_accuracy: float = option(0.99, "Test accuracy the time-to-accuracy runs train to.")
     throughput_epochs: int = option(3, "Epochs per throughput row; the first (tracing, warm-up) is not counted.")
     baseline_batch_size: int = option(64, "Batch size of the plain `model.fit` baseline row.")
+    profile_steps: int = option(50, "Training steps of the default path that TensorFlow's profiler records "
+                                "per architecture, to show where a step's time goes (0: no profile).")
     latency_runs: int = option(200, "Single-image predictions timed per model format.")
     models_dir: Optional[str] = option(None, "Time inference of the models in DIR/<arch>/ (model.keras, every "
                                        "SavedModel folder and .tflite file below it) instead of the ones this "
@@ -257,6 +259,7 @@ class BenchmarkConfig:
         check_range("target_accuracy", self.target_accuracy, minimum=0.0, maximum=1.0, exclusive=True)
         check_range("throughput_epochs", self.throughput_epochs, minimum=2)
         check_range("baseline_batch_size", self.baseline_batch_size, minimum=1)
+        check_range("profile_steps", self.profile_steps, minimum=0)
         check_range("latency_runs", self.latency_runs, minimum=1)
         check_range("seed", self.seed, minimum=0)
 

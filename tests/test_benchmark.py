@@ -17,7 +17,8 @@ def test_smoke_benchmark_from_the_command_line(tmp_path):
     result = run_script("scripts/benchmark.py", "--smoke", "--arch", "cnn", "--recipes", "fast",
                         "--output-dir", str(out), "--verbose", "0")
     assert result.returncode == 0, result.stderr
-    for heading in ("Training throughput", "Time to 99.0% test accuracy", "Inference", "Process peak RSS"):
+    for heading in ("Training throughput", "Profile of 2 training steps", "Time to 99.0% test accuracy",
+                    "Inference", "Process peak RSS"):
         assert heading in result.stdout
     report = json.loads((out / "benchmark.json").read_text())
     paths = [row["path"] for row in report["training"]]
@@ -26,6 +27,12 @@ def test_smoke_benchmark_from_the_command_line(tmp_path):
     for row in report["training"]:
         assert len(row["epoch_seconds"]) == benchmark.SMOKE_EPOCHS
         assert row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
+    (profile,) = report["profile"]
+    assert profile["steps"] == benchmark.SMOKE_PROFILE_STEPS and profile["reference_matmul_gflops"] > 0
+    # The conv layers' kernels are in the profile, forward and backward, and the shares add up.
+    layers = {row["layer"] for row in profile["layers"]}
+    assert {"conv_1 (forward)", "conv_2 (backward)"} <= layers
+    assert abs(sum(row["share"] for row in profile["ops"]) - 1) < 0.01
     (timed,) = report["time_to_accuracy"]
     assert timed["recipe"] == "fast" and timed["batch_size"] == config_lib.TRAIN_RECIPES["fast"]["cnn"]["batch_size"]
     assert 1 <= len(timed["test_accuracy_per_epoch"]) <= benchmark.SMOKE_EPOCHS
@@ -55,6 +62,17 @@ def test_inference_models_finds_every_format(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found = [str(path.relative_to(tmp_path)) for path in benchmark.inference_models(tmp_path)]
     assert found == ["model.keras", "saved_model", "export/model_int8.tflite", "model_fp32.tflite"]
+
+
+def test_training_flops_per_image_counts_forward_and_both_gradients():
+    cnn = models.build_model("cnn")
+    conv_1 = 2 * 24 * 24 * 10 * 25 * 1
+    conv_2 = 2 * 8 * 8 * 20 * 25 * 10
+    dense_1, probabilities = 2 * 320 * 50, 2 * 50 * 10
+    # No gradient for the pixels: the first weighted layer costs twice its forward pass, the rest three times.
+    assert benchmark.training_flops_per_image(cnn) == 2 * conv_1 + 3 * (conv_2 + dense_1 + probabilities)
+    mlp = models.build_model("mlp")
+    assert benchmark.training_flops_per_image(mlp) == 2 * 2 * 784 * 120 + 3 * 2 * (120 * 84 + 84 * 10)
 
 
 def test_median_skips_the_first_epoch():
