@@ -236,6 +236,15 @@ def test_eval_pipeline_pads_with_zero_weights():
     np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches])[:10], labels)
 
 
+def test_pipelines_do_not_autotune():
+    # An autotuned iterator's destructor waits for the autotuning thread to wake up,
+    # which held up the end of real runs by 14-28 s (see data.PIPELINE_PARALLELISM).
+    images, labels = labelled(10)
+    for dataset in (data_lib.train_dataset_fn(images, labels, 4, 1, epochs=1)(FakeContext()),
+                    data_lib.eval_dataset_fn(images, labels, 4)(FakeContext())):
+        assert dataset.options().autotune.enabled is False
+
+
 def test_batch_larger_than_data_is_an_error():
     with pytest.raises(DataError, match="--batch-size 64 is larger than the 10 training images"):
         data_lib.steps_per_epoch(10, 64)
