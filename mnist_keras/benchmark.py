@@ -316,14 +316,13 @@ def _op_events(log_dir: str) -> list[tuple[str, str, float]]:
     return events
 
 
-def _layer_of(op_name: str, model: keras.Model) -> str:
+def _layer_of(op_name: str, layer_names: set[str]) -> str:
     """The model layer (or "optimizer", or "other") that an op of the training step belongs to."""
     parts = op_name.split(":")[0].split("/")
-    names = {layer.name for layer in model.layers}
     for part in parts:
         # Keras suffixes name scopes with "_<n>": conv_2 runs under "conv_2_1".
         for candidate in (part, part.rsplit("_", 1)[0]):
-            if candidate in names:
+            if candidate in layer_names:
                 return candidate + (" (backward)" if "gradient_tape" in parts else " (forward)")
     return "optimizer" if any(part.startswith("adam") for part in parts) else "other"
 
@@ -357,9 +356,10 @@ def profile_training(config: BenchmarkConfig, arch: str, data: data_lib.MnistDat
     step_seconds = clock[0] / steps
     by_type: dict[str, float] = {}
     by_layer: dict[str, float] = {}
+    layer_names = {layer.name for layer in model.layers}
     for op_type, op_name, seconds in events:
         by_type[op_type] = by_type.get(op_type, 0.0) + seconds
-        layer = _layer_of(op_name, model)
+        layer = _layer_of(op_name, layer_names)
         by_layer[layer] = by_layer.get(layer, 0.0) + seconds
     op_seconds = sum(by_type.values())
 
