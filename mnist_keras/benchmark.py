@@ -298,10 +298,18 @@ def reference_matmul_gflops(size: int = REFERENCE_MATMUL_SIZE, seconds: float = 
     return 2 * size**3 / best / 1e9
 
 
+def _xplane_module():
+    """TensorFlow's XPlane protobuf module (the profiler's file format), or None where this build lacks it."""
+    try:
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    except ImportError:
+        return None
+    return xplane_pb2
+
+
 def _op_events(log_dir: str) -> list[tuple[str, str, float]]:
     """(op type, op name, seconds) of every TensorFlow op the profiler recorded in `log_dir`."""
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
+    xplane_pb2 = _xplane_module()
     events = []
     for path in Path(log_dir).rglob("*.xplane.pb"):
         space = xplane_pb2.XSpace()
@@ -327,13 +335,18 @@ def _layer_of(op_name: str, layer_names: set[str]) -> str:
     return "optimizer" if any(part.startswith("adam") for part in parts) else "other"
 
 
-def profile_training(config: BenchmarkConfig, arch: str, data: data_lib.MnistData, steps: int) -> dict:
+def profile_training(config: BenchmarkConfig, arch: str, data: data_lib.MnistData,
+                     steps: int) -> Optional[dict]:
     """TensorFlow's profiler over `steps` training steps of the default path, summed per op type and layer.
 
     The answer to "why is an epoch this slow": how much of the step each kind of
     op takes, the FLOP rate the step reaches, and the rate of a large matmul on
-    the same cores for comparison.
+    the same cores for comparison. None (with a warning) where the profiler's
+    output cannot be read, so the rest of the benchmark still runs.
     """
+    if _xplane_module() is None:
+        logger.warning("No training profile: this TensorFlow build has no tensorflow.tsl.profiler.protobuf")
+        return None
     train_config = _train_config(config, arch)
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(config.seed)
@@ -353,6 +366,9 @@ def profile_training(config: BenchmarkConfig, arch: str, data: data_lib.MnistDat
         finally:
             tf.profiler.experimental.stop()
         events = _op_events(log_dir)
+    if not events:
+        logger.warning("No training profile: TensorFlow's profiler recorded no ops")
+        return None
     step_seconds = clock[0] / steps
     by_type: dict[str, float] = {}
     by_layer: dict[str, float] = {}
@@ -496,8 +512,9 @@ def run(config: BenchmarkConfig, data: Optional[data_lib.MnistData] = None,
             if config.profile_steps:
                 row = profile_training(config, arch, data, SMOKE_PROFILE_STEPS if config.smoke
                                        else config.profile_steps)
-                _log(row, "profile")
-                report["profile"].append(row)
+                if row is not None:
+                    _log(row, "profile")
+                    report["profile"].append(row)
             if arch == TIME_TO_ACCURACY_ARCH:
                 for recipe in config.recipes:
                     if arch not in TRAIN_RECIPES[recipe]:

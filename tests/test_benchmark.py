@@ -75,6 +75,13 @@ def test_training_flops_per_image_counts_forward_and_both_gradients():
     assert benchmark.training_flops_per_image(mlp) == 2 * 2 * 784 * 120 + 3 * 2 * (120 * 84 + 84 * 10)
 
 
+def test_profile_is_left_out_where_the_profiler_output_cannot_be_read(monkeypatch, caplog):
+    monkeypatch.setattr(benchmark, "_xplane_module", lambda: None)
+    data = data_lib.synthetic_mnist(seed=1, **benchmark.SMOKE_SIZES)
+    assert benchmark.profile_training(BenchmarkConfig(smoke=True), "mlp_small", data, steps=2) is None
+    assert "No training profile" in caplog.text
+
+
 def test_median_skips_the_first_epoch():
     assert benchmark.median_after_first([9.0, 1.0, 3.0, 2.0]) == 2.0
     assert benchmark.median_after_first([4.0]) == 4.0
