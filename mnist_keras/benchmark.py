@@ -143,17 +143,21 @@ def _train_config(config: BenchmarkConfig, arch: str, recipe: str = "default", *
                          mixed_precision=config.mixed_precision, verbose=0, **overrides)
 
 
+def _default_path(train_config: TrainConfig, num_train_examples: int) -> tuple[keras.Model, loop_lib.TrainingLoop]:
+    """The model and training loop of `train.py` for `train_config`, seeded as it seeds them."""
+    strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(train_config.seed)
+    model = train.build_compiled_model(train_config, num_train_examples, strategy)
+    return model, loop_lib.TrainingLoop(model, strategy, train_config.batch_size, train_config.steps_per_execution)
+
+
 def default_path_throughput(config: BenchmarkConfig, arch: str, data: data_lib.MnistData,
                             epochs: int) -> tuple[dict, keras.Model]:
     """Images/s of the project's training path (the one loop, the arch's default preset)."""
     train_config = _train_config(config, arch, epochs=epochs)
-    strategy = tf.distribute.get_strategy()
     epoch_seconds: list[float] = []
     with MemorySampler() as memory:
-        keras.utils.set_random_seed(config.seed)
-        model = train.build_compiled_model(train_config, len(data.x_train), strategy)
-        training = loop_lib.TrainingLoop(model, strategy, train_config.batch_size,
-                                         train_config.steps_per_execution)
+        model, training = _default_path(train_config, len(data.x_train))
         clock = [time.perf_counter()]
 
         def lap(epoch: int, logs: dict) -> None:
@@ -216,14 +220,11 @@ def time_to_accuracy(config: BenchmarkConfig, recipe: str, data: data_lib.MnistD
     """
     overrides = {"epochs": epochs} if epochs else {}
     train_config = _train_config(config, TIME_TO_ACCURACY_ARCH, recipe, **overrides)
-    strategy = tf.distribute.get_strategy()
     accuracies: list[float] = []
     clock_at_epoch: list[float] = []
     evaluation_seconds = [0.0]
     started = time.perf_counter()
-    keras.utils.set_random_seed(config.seed)
-    model = train.build_compiled_model(train_config, len(data.x_train), strategy)
-    training = loop_lib.TrainingLoop(model, strategy, train_config.batch_size, train_config.steps_per_execution)
+    model, training = _default_path(train_config, len(data.x_train))
 
     def evaluate(epoch: int, logs: dict) -> bool:
         paused = time.perf_counter()
@@ -348,10 +349,7 @@ def profile_training(config: BenchmarkConfig, arch: str, data: data_lib.MnistDat
         logger.warning("No training profile: this TensorFlow build has no tensorflow.tsl.profiler.protobuf")
         return None
     train_config = _train_config(config, arch)
-    strategy = tf.distribute.get_strategy()
-    keras.utils.set_random_seed(config.seed)
-    model = train.build_compiled_model(train_config, len(data.x_train), strategy)
-    training = loop_lib.TrainingLoop(model, strategy, train_config.batch_size, train_config.steps_per_execution)
+    model, training = _default_path(train_config, len(data.x_train))
     steps = min(steps, data_lib.steps_per_epoch(len(data.x_train), train_config.batch_size))
     count = steps * train_config.batch_size
     images, labels = data.x_train[:count], data.y_train[:count]
