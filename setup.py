@@ -42,6 +42,7 @@ setup(
             "mnist-keras-evaluate=mnist_keras.cli:evaluate_main",
             "mnist-keras-predict=mnist_keras.cli:predict_main",
             "mnist-keras-benchmark=mnist_keras.cli:benchmark_main",
+            "mnist-keras-results=mnist_keras.cli:results_main",
             "mnist-keras-serve=mnist_keras.cli:serve_main",
         ],
     },

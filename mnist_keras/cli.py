@@ -312,6 +312,32 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def results_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="results.py",
+        description="Train every architecture and recipe with several seeds (as train.py would, saving no models) "
+                    "and report the test accuracy (mean, min, max, per seed), training time and this machine; "
+                    "print the markdown table and write results.json and results.md.")
+    config_lib.add_config_flags(parser, config_lib.ResultsConfig)
+    return parser
+
+
+@_entry_point
+def results_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python scripts/results.py --seeds 1-5`"""
+    args = results_parser().parse_args(argv)
+    config = config_lib.config_from_flags(config_lib.ResultsConfig, args)
+    _setup_logging(config.verbose)
+
+    from mnist_keras import artifacts, results
+
+    output_dir = config.output_dir or artifacts.DEFAULT_ROOT / "results"
+    report = results.run(config, output_dir=output_dir)
+    print(results.format_markdown(report), end="")
+    print(f"\nWrote {output_dir}/{results.REPORT_FILE} and {results.TABLE_FILE}")
+    return 0
+
+
 def _without_workers_flag(argv: Sequence[str]) -> list[str]:
     """argv minus `--workers N` / `--workers=N`."""
     kept, skip = [], False

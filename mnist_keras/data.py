@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -306,18 +307,47 @@ def pipeline_options():
     return options
 
 
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Random changes to every training image, drawn per image and seeded by (seed, epoch, step).
+
+    shift_pixels: offsets in [-shift, shift] pixels along each axis. Alone, the
+    offsets are whole pixels (no interpolation blur); with a rotation or scaling
+    they are fractional and the whole affine map is sampled bilinearly.
+    rotation_degrees: angles in [-r, r] about the image centre.
+    scale_range: zoom factors in [1 - s, 1 + s] about the image centre.
+    Uncovered pixels become black.
+    """
+
+    shift_pixels: int = 0
+    rotation_degrees: float = 0.0
+    scale_range: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shift_pixels or self.rotation_degrees or self.scale_range)
+
+    @property
+    def affine(self) -> bool:
+        """True when images are rotated or scaled (not just shifted by whole pixels)."""
+        return bool(self.rotation_degrees or self.scale_range)
+
+
+NO_AUGMENTATION = Augmentation()
+
+
 def train_dataset_fn(
     images: np.ndarray, labels: np.ndarray, global_batch_size: int, seed: int,
-    epochs: int, initial_epoch: int = 0, shift_pixels: int = 0,
+    epochs: int, initial_epoch: int = 0, augmentation: Augmentation = NO_AUGMENTATION,
 ) -> Callable:
     """Shuffled training batches for epochs [initial_epoch, epochs), one epoch after another.
 
     Each epoch's order depends only on (seed, epoch), so a run resumed at epoch
     k sees the same batches as an uninterrupted run. Every worker yields exactly
     `steps_per_epoch(len(images), global_batch_size)` steps per epoch, which
-    keeps the workers' collectives in lockstep. `shift_pixels` > 0 moves every
-    image by a random whole number of pixels in [-shift, shift] along each axis
-    (one vectorised op per batch, seeded by (seed, epoch, step)), filling with black.
+    keeps the workers' collectives in lockstep. `augmentation` changes every
+    image at random (one vectorised op per batch, seeded by (seed, epoch, step),
+    so a resumed run draws the same changes).
     """
     steps = steps_per_epoch(len(images), global_batch_size)
 
@@ -334,14 +364,16 @@ def train_dataset_fn(
             order = tf.random.experimental.stateless_shuffle(shard_indices, seed=tf.stack([seed, epoch]))
             batches = (tf.data.Dataset.from_tensor_slices(order)
                        .batch(batch, drop_remainder=True).take(batches_per_epoch))
-            # A per-batch counter that depends only on (epoch, step): the shift seed.
+            # A per-batch counter that depends only on (epoch, step): the augmentation seed.
             counters = tf.data.Dataset.range(epoch * batches_per_epoch, (epoch + 1) * batches_per_epoch)
             return tf.data.Dataset.zip(batches, counters)
 
         def gather(indices, counter):
             x = tf.cast(tf.gather(all_images, indices), tf.float32)
-            if shift_pixels:
-                x = random_shift(x, shift_pixels, tf.stack([tf.cast(seed, tf.int64), counter]))
+            if augmentation.enabled:
+                # Each worker's pipeline draws its own changes (one pipeline: the counter itself).
+                stream = counter * input_context.num_input_pipelines + input_context.input_pipeline_id
+                x = augment(x, augmentation, tf.stack([tf.cast(seed, tf.int64), stream]))
             return x, tf.cast(tf.gather(all_labels, indices), tf.int32)
 
         return (tf.data.Dataset.range(initial_epoch, epochs)
@@ -351,6 +383,42 @@ def train_dataset_fn(
                 .with_options(pipeline_options()))
 
     return dataset_fn
+
+
+def augment(images, augmentation: Augmentation, seed):
+    """`augmentation` applied to a (N, 28, 28) float batch, drawn from the stateless `seed`."""
+    if augmentation.affine:
+        return random_affine(images, augmentation, seed)
+    return random_shift(images, augmentation.shift_pixels, seed)
+
+
+def random_affine(images, augmentation: Augmentation, seed):
+    """Rotate, scale and shift each image of a (N, 28, 28) float batch by its own random amounts.
+
+    One ImageProjectiveTransformV3 call (bilinear) for the whole batch. Each
+    image's parameters come from one stateless draw, so the batch depends only on `seed`.
+    """
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    unit = tf.random.stateless_uniform([count, 4], seed=seed, minval=-1.0, maxval=1.0)
+    angle = unit[:, 0] * (augmentation.rotation_degrees * math.pi / 180.0)
+    scale = 1.0 + unit[:, 1] * augmentation.scale_range
+    shift_x, shift_y = unit[:, 2] * augmentation.shift_pixels, unit[:, 3] * augmentation.shift_pixels
+    # The transform maps each output pixel to the input pixel it samples: the inverse of
+    # "scale and rotate about the centre, then shift", i.e. in = M (out - centre - shift) + centre.
+    centre_x, centre_y = (IMAGE_SHAPE[1] - 1) / 2.0, (IMAGE_SHAPE[0] - 1) / 2.0
+    a0, a1 = tf.cos(angle) / scale, tf.sin(angle) / scale
+    b0, b1 = -a1, a0
+    out_x, out_y = centre_x + shift_x, centre_y + shift_y
+    a2 = centre_x - (a0 * out_x + a1 * out_y)
+    b2 = centre_y - (b0 * out_x + b1 * out_y)
+    zeros = tf.zeros([count], tf.float32)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    moved = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images[..., None], transforms=transforms, output_shape=tf.constant(IMAGE_SHAPE, tf.int32),
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    return moved[..., 0]
 
 
 def random_shift(images, max_shift: int, seed):

@@ -65,6 +65,7 @@ class TrainingLoop:
         strategy: tf.distribute.Strategy,
         global_batch_size: int,
         steps_per_execution: int = 100,
+        label_smoothing: float = 0.0,
     ) -> None:
         replicas = strategy.num_replicas_in_sync
         if global_batch_size % replicas:
@@ -77,6 +78,11 @@ class TrainingLoop:
         self.global_batch_size = global_batch_size
         self.steps_per_execution = steps_per_execution
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+        # Training may aim at smoothed targets (1 - s on the label, s/10 spread over all ten
+        # classes); every reported loss is the plain cross-entropy, so runs stay comparable.
+        self.label_smoothing = label_smoothing
+        self._smoothed_loss_fn = keras.losses.CategoricalCrossentropy(
+            label_smoothing=label_smoothing, reduction=None) if label_smoothing else None
         with strategy.scope():
             # Build the optimizer's slots now, in cross-replica context, rather
             # than lazily inside the first replica step.
@@ -103,7 +109,11 @@ class TrainingLoop:
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
             per_example_loss = self.loss_fn(labels, probabilities)
-            loss = tf.reduce_sum(per_example_loss) / self.global_batch_size
+            training_loss = per_example_loss
+            if self._smoothed_loss_fn is not None:
+                one_hot = tf.one_hot(labels, tf.shape(probabilities)[-1], dtype=probabilities.dtype)
+                training_loss = self._smoothed_loss_fn(one_hot, probabilities)
+            loss = tf.reduce_sum(training_loss) / self.global_batch_size
             # Identity unless the optimizer is a LossScaleOptimizer (mixed_float16),
             # whose apply_gradients then unscales the gradients.
             scaled_loss = self.model.optimizer.scale_loss(loss)
@@ -159,19 +169,19 @@ class TrainingLoop:
         initial_epoch: int = 0,
         callbacks: Sequence[EpochCallback] = (),
         verbose: int = 1,
-        shift_pixels: int = 0,
+        augmentation: data_lib.Augmentation = data_lib.NO_AUGMENTATION,
     ) -> dict[str, list[float]]:
         """Train epochs [initial_epoch, epochs); returns the history of those epochs.
 
-        Stops early when a callback returns True. `shift_pixels`: random-shift
-        augmentation of the training images (see `data.train_dataset_fn`).
+        Stops early when a callback returns True. `augmentation`: random changes
+        to the training images (see `data.Augmentation`).
         """
         steps = data_lib.steps_per_epoch(len(x_train), self.global_batch_size)
         history: dict[str, list[float]] = {}
         if initial_epoch >= epochs:
             return history
         dataset = self.strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
-            x_train, y_train, self.global_batch_size, seed, epochs, initial_epoch, shift_pixels))
+            x_train, y_train, self.global_batch_size, seed, epochs, initial_epoch, augmentation))
         iterator = iter(dataset)
         stateful = ["loss", "accuracy", "val_loss", "val_accuracy"]
         for epoch in range(initial_epoch, epochs):

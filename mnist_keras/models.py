@@ -105,10 +105,16 @@ def dtype_policy(name: str) -> Iterator[None]:
 def compile_model(
     model: keras.Model,
     learning_rate: Union[float, keras.optimizers.schedules.LearningRateSchedule] = 1e-3,
+    ema_momentum: float = 0.0,
 ) -> keras.Model:
-    """Adam + sparse categorical cross-entropy on probabilities + accuracy."""
+    """Adam + sparse categorical cross-entropy on probabilities + accuracy.
+
+    `ema_momentum` > 0: the optimizer also keeps a moving average of the weights
+    (`use_ema`); `optimizer.finalize_variable_values` copies it into the model.
+    """
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate, **ema),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )

@@ -61,8 +61,19 @@ def build_compiled_model(config: TrainConfig, num_train_examples: int, strategy:
     policy = strategy_lib.mixed_precision_policy() if config.mixed_precision else "float32"
     with strategy.scope(), models.dtype_policy(policy):
         model = models.build_model(config.arch, **hyperparameters)
-        models.compile_model(model, learning_rate)
+        models.compile_model(model, learning_rate, ema_momentum=config.ema_momentum)
     return model
+
+
+def augmentation(config: TrainConfig) -> data_lib.Augmentation:
+    """The random changes `config` asks for on the training images."""
+    return data_lib.Augmentation(config.shift_pixels, config.rotation_degrees, config.scale_range)
+
+
+def training_loop(config: TrainConfig, model: keras.Model, strategy: tf.distribute.Strategy) -> loop_lib.TrainingLoop:
+    """The loop that trains `model` as `config` says (batch size, steps per call, label smoothing)."""
+    return loop_lib.TrainingLoop(model, strategy, config.batch_size, config.steps_per_execution,
+                                 label_smoothing=config.label_smoothing)
 
 
 def run(
@@ -104,7 +115,7 @@ def run(
 
     keras.utils.set_random_seed(config.seed)
     model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
-    training = loop_lib.TrainingLoop(model, strategy, config.batch_size, config.steps_per_execution)
+    training = training_loop(config, model, strategy)
 
     # Every worker takes part in backups (saving reads variables through collectives); only the
     # chief's lands in the run folder.
@@ -123,10 +134,12 @@ def run(
         history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
                                validation_data=validation, initial_epoch=initial_epoch,
                                callbacks=epoch_callbacks, verbose=config.verbose,
-                               shift_pixels=config.shift_pixels)
+                               augmentation=augmentation(config))
     finally:
         if backup is not None:
             backup.discard_temporary()
+    # With an EMA of the weights, the model ends with the average (a no-op otherwise).
+    model.optimizer.finalize_variable_values(model.trainable_variables)
     train_seconds = time.perf_counter() - train_started
     if backup is not None:
         history = backup.history  # every epoch, including those before a resume

@@ -22,8 +22,13 @@ def crash_after(epochs_done: int):
     return callback
 
 
-@pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
-def test_killed_run_resumes_at_first_unfinished_epoch(tiny_mnist, tmp_path, strategy_name, caplog):
+# Random changes to the images, smoothed targets and an EMA of the weights: state a resume must restore too.
+AUGMENTED = dict(shift_pixels=2, rotation_degrees=10.0, scale_range=0.1, label_smoothing=0.1, ema_momentum=0.9)
+
+
+@pytest.mark.parametrize("strategy_name, extras", [("default", {}), ("mirrored", {}), ("default", AUGMENTED)],
+                         ids=["default", "mirrored", "augmented_ema"])
+def test_killed_run_resumes_at_first_unfinished_epoch(tiny_mnist, tmp_path, strategy_name, extras, caplog):
     def strategy():
         if strategy_name == "mirrored":
             # Not the default collective all-reduce: collective instance keys restart with every
@@ -33,7 +38,7 @@ def test_killed_run_resumes_at_first_unfinished_epoch(tiny_mnist, tmp_path, stra
                                                   cross_device_ops=tf.distribute.ReductionToOneDevice())
         return tf.distribute.get_strategy()
 
-    config = tiny_config(epochs=3, batch_size=64)
+    config = tiny_config(epochs=3, batch_size=64, **extras)
     uninterrupted = train.run(config, data=tiny_mnist, strategy=strategy(), output_dir=tmp_path / "whole")
     assert not (tmp_path / "whole" / backup.BACKUP_DIR).exists(), "backup must be removed after success"
     assert uninterrupted.metrics["resumed_at_epoch"] is None

@@ -131,7 +131,8 @@ def test_shift_pixels_trains_and_callback_can_stop(tiny_mnist):
     model = models.compile_model(models.build_model("mlp_small"), 1e-2)
     training = loop.TrainingLoop(model, strategy, global_batch_size=64, steps_per_execution=3)
     seen = []
-    history = training.fit(tiny_mnist.x_train, tiny_mnist.y_train, epochs=5, verbose=0, shift_pixels=1,
+    history = training.fit(tiny_mnist.x_train, tiny_mnist.y_train, epochs=5, verbose=0,
+                           augmentation=data_lib.Augmentation(shift_pixels=1),
                            callbacks=[lambda epoch, logs: seen.append(epoch) or epoch == 1])
     assert seen == [0, 1] and len(history["loss"]) == 2 and np.isfinite(history["loss"]).all()
 

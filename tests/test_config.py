@@ -47,6 +47,12 @@ def test_config_is_frozen_and_round_trips():
     ({"learning_rate": 0.0}, "--learning-rate"),
     ({"validation_size": 60_000}, "--validation-size"),
     ({"arch": "resnet"}, "--arch"),
+    ({"rotation_degrees": 46.0}, "--rotation-degrees"),
+    ({"scale_range": -0.1}, "--scale-range"),
+    ({"scale_range": 0.6}, "--scale-range"),
+    ({"label_smoothing": 0.7}, "--label-smoothing"),
+    ({"ema_momentum": 1.0}, "--ema-momentum"),
+    ({"shift_pixels": 9}, "--shift-pixels"),
 ])
 def test_bad_values_name_the_flag(overrides, flag):
     with pytest.raises(ConfigError, match=f"{flag} must .* Received"):
@@ -63,3 +69,21 @@ def test_every_job_config_is_frozen_and_makes_flags(config_cls):
     parser = argparse.ArgumentParser()
     config_lib.add_config_flags(parser, config_cls)
     assert len(CONFIG_CLASSES) >= 6
+
+
+@pytest.mark.parametrize("text, seeds", [("1-5", (1, 2, 3, 4, 5)), ("3", (3,)), ("1,3,7", (1, 3, 7)),
+                                         ("1-3,2,9", (1, 2, 3, 9))])
+def test_results_seeds_accept_ranges_and_lists(text, seeds):
+    assert config_lib.ResultsConfig(seeds=text).seed_list == seeds
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    ({"seeds": "a-b"}, "--seeds"),
+    ({"seeds": ""}, "--seeds"),
+    ({"seeds": "5-1"}, "--seeds"),
+    ({"recipes": ("slow",)}, "--recipes"),
+    ({"arch": ()}, "--arch"),
+])
+def test_bad_results_values_name_the_flag(overrides, flag):
+    with pytest.raises(ConfigError, match=f"{flag} must .* Received"):
+        config_lib.ResultsConfig(**overrides)

@@ -254,3 +254,45 @@ def test_synthetic_data_is_deterministic():
     a, b = data_lib.synthetic_mnist(seed=3), data_lib.synthetic_mnist(seed=3)
     np.testing.assert_array_equal(a.x_train, b.x_train)
     assert a.x_train.shape == (512, 28, 28) and len(a.x_val) == 128
+
+
+AUGMENTED = data_lib.Augmentation(shift_pixels=2, rotation_degrees=15.0, scale_range=0.15)
+
+
+def test_resumed_pipeline_draws_the_same_augmentation():
+    images, labels = labelled(64)
+    images = np.repeat(np.linspace(0, 255, 28 * 28).reshape(1, 28, 28), 64, axis=0).astype(np.uint8)
+    make = lambda initial_epoch: list(data_lib.train_dataset_fn(
+        images, labels, 16, 1, epochs=3, initial_epoch=initial_epoch, augmentation=AUGMENTED)(FakeContext()))
+    full, resumed = make(0), make(2)
+    assert len(resumed) == 4
+    for a, b in zip(full[8:], resumed):
+        np.testing.assert_array_equal(a[0], b[0])
+    # Every image is changed, each its own way, and the epochs differ.
+    assert not np.array_equal(full[0][0][0], full[0][0][1])
+    assert not np.array_equal(full[0][0], full[4][0])
+
+
+def test_random_affine_rotates_scales_and_shifts_within_its_ranges():
+    images = np.zeros((32, 28, 28), np.float32)
+    images[:, 8:20, 13:15] = 255.0  # a vertical bar through the centre
+    seed = tf.constant([3, 4], tf.int64)
+    still = data_lib.random_affine(tf.constant(images), data_lib.Augmentation(rotation_degrees=1e-6), seed)
+    np.testing.assert_allclose(still.numpy(), images, atol=1e-3)  # no change: the identity map
+    moved = data_lib.random_affine(tf.constant(images), AUGMENTED, seed).numpy()
+    np.testing.assert_array_equal(moved, data_lib.random_affine(tf.constant(images), AUGMENTED, seed).numpy())
+    assert len({image.tobytes() for image in moved}) == 32  # per image, not per batch
+    # The bar keeps its ink (scaled by at most 1.15^2 either way) and stays near the centre.
+    ink = moved.sum(axis=(1, 2)) / images[0].sum()
+    assert ((ink > 1 / 1.15**2 - 0.05) & (ink < 1.15**2 + 0.05)).all()
+    rows, columns = np.nonzero(moved.max(axis=0) > 0)
+    assert rows.min() >= 8 - 4 and rows.max() <= 19 + 4 and columns.min() >= 13 - 6 and columns.max() <= 14 + 6
+
+
+def test_shift_only_augmentation_stays_whole_pixel():
+    images = np.zeros((8, 28, 28), np.float32)
+    images[:, 14, 14] = 255.0
+    seed = tf.constant([1, 7], tf.int64)
+    shifted = data_lib.augment(tf.constant(images), data_lib.Augmentation(shift_pixels=2), seed).numpy()
+    np.testing.assert_array_equal(shifted, data_lib.random_shift(tf.constant(images), 2, seed).numpy())
+    assert set(np.unique(shifted)) <= {0.0, 255.0}

@@ -106,3 +106,31 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert rates[0] == 0 and rates[1] == pytest.approx(5e-4) and rates[2] == pytest.approx(1e-3)
     assert rates[2] > rates[3] > rates[4] and rates[4] == pytest.approx(0, abs=1e-9)
     assert loop.make_learning_rate(1e-3, "constant", 100) == 1e-3
+
+
+def test_ema_run_ends_with_the_averaged_weights(tiny_mnist):
+    result = train.run(tiny_config(epochs=2, ema_momentum=0.9), data=tiny_mnist)
+    optimizer = result.model.optimizer
+    averages = optimizer._model_variables_moving_average
+    assert optimizer.use_ema and len(averages) == len(result.model.trainable_variables)
+    for weight, average in zip(result.model.trainable_variables, averages):
+        np.testing.assert_array_equal(weight.numpy(), average.numpy())
+    # The test accuracy is that of the averaged weights.
+    accuracy = np.mean(np.argmax(result.model.predict(tiny_mnist.x_test.astype("float32"), verbose=0), -1)
+                       == tiny_mnist.y_test)
+    assert result.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_label_smoothing_trains_but_reports_the_plain_loss(tiny_mnist):
+    keras.utils.set_random_seed(1)
+    model = models.compile_model(models.build_model("mlp_small"), 1e-2)
+    strategy = tf.distribute.get_strategy()
+    loop.TrainingLoop(model, strategy, 64).fit(tiny_mnist.x_train, tiny_mnist.y_train, epochs=3, verbose=0)
+    model.optimizer.learning_rate.assign(0.0)  # confident now; from here no step moves the weights
+    training = loop.TrainingLoop(model, strategy, 64, label_smoothing=0.3)
+    history = training.fit(tiny_mnist.x_train, tiny_mnist.y_train, epochs=1, verbose=0)
+    plain = training.evaluate(tiny_mnist.x_train, tiny_mnist.y_train)["loss"]  # 512 images: 8 whole batches
+    assert history["loss"][0] == pytest.approx(plain, rel=1e-5)
+    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=0.3)(
+        tf.one_hot(tiny_mnist.y_train, 10), model(tiny_mnist.x_train.astype("float32"))).numpy()
+    assert smoothed > plain + 0.1  # so the check above would see smoothing leak into the report
