@@ -17,8 +17,9 @@ PUBLISHED_MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
-# Acceptance floors for the default recipes (published results: MLPs 97%, CNN 99%).
-ACCURACY_FLOOR = {"cnn": 0.992, "mlp": 0.978, "mlp_small": 0.974}
+# Acceptance floors for the default recipes (published results: MLPs 97%, CNN 99%); every seed
+# of 1-5 measured above them on the AVX-512 machine (README, Results).
+ACCURACY_FLOOR = {"cnn": 0.993, "mlp": 0.982, "mlp_small": 0.979}
 
 
 def test_real_files_are_the_published_ones(real_mnist_dir):
