@@ -25,9 +25,11 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 # Test-only hooks, deliberately not flags: a folder where every worker dumps its final weights
-# (worker<i>.npz), and an epoch (1-based) after whose backup training dies as if killed.
+# (worker<i>.npz), an epoch (1-based) after whose backup training dies as if killed, and one after
+# which the main thread hangs while the process stays alive (a deadlock: heartbeats still answered).
 _WEIGHTS_DUMP_ENV = "_MNIST_KERAS_TEST_WEIGHTS_DIR"
 _CRASH_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_CRASH_AFTER_EPOCH"
+_HANG_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_HANG_AFTER_EPOCH"
 
 
 def _entry_point(main: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Optional[Sequence[str]]], int]:
@@ -333,9 +335,24 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     from mnist_keras import artifacts, benchmark
 
     output_dir = config.output_dir or artifacts.DEFAULT_ROOT / "benchmark"
+    if config.soak_epochs:
+        return _soak(config, output_dir)
     report = benchmark.run(config, output_dir=output_dir)
     print(benchmark.format_report(report))
     print(f"\nWrote {output_dir}/{benchmark.REPORT_FILE}")
+    return 0
+
+
+def _soak(config, output_dir) -> int:
+    from mnist_keras import soak
+
+    try:
+        report = soak.run(config, output_dir)
+    except soak.SoakFailedError as error:
+        print(f"{prog_name()}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(soak.format_report(report))
+    print(f"\nWrote {output_dir}/{soak.SOAK_DIR}/{soak.SOAK_FILE}")
     return 0
 
 
@@ -398,14 +415,17 @@ def _dump_weights_for_tests(model) -> None:
 
 def _test_callbacks() -> list:
     crash_after = os.environ.get(_CRASH_AFTER_EPOCH_ENV)
-    if not crash_after:
-        return []
+    hang_after = os.environ.get(_HANG_AFTER_EPOCH_ENV)
 
-    def crash(epoch: int, logs: dict) -> None:
-        if epoch + 1 == int(crash_after):
+    def crash_or_hang(epoch: int, logs: dict) -> None:
+        if crash_after and epoch + 1 == int(crash_after):
             os._exit(17)  # like kill -9: no cleanup, no exception handling
+        if hang_after and epoch + 1 == int(hang_after):
+            import time
 
-    return [crash]
+            time.sleep(10**6)
+
+    return [crash_or_hang] if crash_after or hang_after else []
 
 
 def serve_parser() -> argparse.ArgumentParser:

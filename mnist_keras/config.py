@@ -254,6 +254,9 @@ class BenchmarkConfig:
     overwrite: bool = option(False, "Replace an existing benchmark in the output folder.")
     smoke: bool = option(False, "Seconds-long check of the whole benchmark on tiny synthetic data "
                          "(its figures mean nothing).")
+    soak_epochs: int = option(0, "Instead of the other rows: the soak, a `train.py --arch cnn --workers 2` run of "
+                              "this many epochs reporting each worker's seconds, ms/step, threads, resident "
+                              "memory and open files per epoch (into <output-dir>/soak/). 0: no soak.")
     verbose: int = option(1, "0: quiet, 1: log each measurement.")
 
     def __post_init__(self) -> None:
@@ -269,6 +272,7 @@ class BenchmarkConfig:
         check_range("baseline_batch_size", self.baseline_batch_size, minimum=1)
         check_range("profile_steps", self.profile_steps, minimum=0)
         check_range("latency_runs", self.latency_runs, minimum=1)
+        check_range("soak_epochs", self.soak_epochs, minimum=0)
         check_range("seed", self.seed, minimum=0)
 
 
