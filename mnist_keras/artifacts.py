@@ -18,8 +18,16 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"  # Written last: its presence marks a finished run.
 LOGS_DIR = "logs"
-# Files that mark a folder as a run folder of ours (safe to clear on --overwrite).
-RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, MODEL_FILE, "backup")
+
+
+def worker_log_file(index: int) -> str:
+    """Where, inside a run folder, the local launcher writes worker `index`'s output."""
+    return f"{LOGS_DIR}/worker-{index}.log"
+
+
+# Files that mark a folder as a run folder of ours (safe to clear on --overwrite). Worker 0's log is
+# one: the launcher starts it before the chief prepares the folder.
+RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, MODEL_FILE, "backup", worker_log_file(0))
 
 
 class OutputExistsError(FileExistsError):

@@ -8,18 +8,19 @@ same output folder, training restores it and continues at the first unfinished
 epoch; after a successful run the backup is removed.
 
 Under `MultiWorkerMirroredStrategy` every worker must take part in saving
-(variables are read through collectives), but only the chief writes into the
-run folder: the other workers write to a temporary folder they delete, as in
-TensorFlow's multi-worker tutorial. Every worker restores from the chief's
-backup, so workers on different machines need the run folder on a shared
-filesystem to resume.
+(variables are read through collectives), but only the chief's copy is the
+backup: the other workers write theirs into `<run_dir>/backup/worker-<i>`,
+which they delete when training ends. Not the system temp folder (as in
+TensorFlow's multi-worker tutorial): a worker that is killed cannot delete it,
+and under the run folder it goes away with the run's backup instead of piling
+up in /tmp. Every worker restores from the chief's backup, so workers on
+different machines need the run folder on a shared filesystem to resume.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import keras
@@ -33,6 +34,11 @@ BACKUP_DIR = "backup"
 HISTORY_FILE = "history.json"
 
 
+def worker_copy_dir(worker: int) -> str:
+    """The folder, inside the backup folder, where non-chief worker `worker` writes its copy."""
+    return f"worker-{worker}"
+
+
 class EpochBackup:
     """Saves and restores (model, optimizer, finished epochs, history) for one run folder.
 
@@ -42,11 +48,11 @@ class EpochBackup:
     """
 
     def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy, run_dir: Path | str,
-                 chief: bool = True) -> None:
+                 chief: bool = True, worker: int = 0) -> None:
         self.directory = Path(run_dir) / BACKUP_DIR
         self.chief = chief
-        # Non-chief workers must still save (collectives), but into a throwaway folder.
-        self.write_directory = self.directory if chief else Path(tempfile.mkdtemp(prefix="mnist_keras_backup_"))
+        # Non-chief workers must still save (collectives), but into a copy of their own that nobody restores.
+        self.write_directory = self.directory if chief else self.directory / worker_copy_dir(worker)
         with strategy.scope():
             self.finished_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
@@ -87,6 +93,6 @@ class EpochBackup:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def discard_temporary(self) -> None:
-        """Non-chief workers: delete the throwaway folder (also after a failure)."""
+        """Non-chief workers: delete their own copy (also after a failure)."""
         if not self.chief:
             shutil.rmtree(self.write_directory, ignore_errors=True)

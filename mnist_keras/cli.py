@@ -25,9 +25,11 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 # Test-only hooks, deliberately not flags: a folder where every worker dumps its final weights
-# (worker<i>.npz), and an epoch (1-based) after whose backup training dies as if killed.
+# (worker<i>.npz), an epoch (1-based) after whose backup training dies as if killed, and one after
+# which the main thread hangs while the process stays alive (a deadlock: heartbeats still answered).
 _WEIGHTS_DUMP_ENV = "_MNIST_KERAS_TEST_WEIGHTS_DIR"
 _CRASH_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_CRASH_AFTER_EPOCH"
+_HANG_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_HANG_AFTER_EPOCH"
 
 
 def _entry_point(main: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Optional[Sequence[str]]], int]:
@@ -70,24 +72,22 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     config = config_lib.config_from_flags(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
     _setup_logging(config.verbose)
     if config.workers > 1:
-        return _launch_workers(argv, config.workers)
+        return _launch_workers(argv, config)
 
     from mnist_keras import artifacts, train
 
     output_dir = None if config.dry_run else (config.output_dir or artifacts.default_run_dir(config.arch))
     try:
-        result = train.run(config, output_dir=output_dir, callbacks=_test_callbacks())
+        result = train.run(config, output_dir=output_dir, callbacks=_test_callbacks(), on_stall=_exit_stalled)
     except Exception as error:
-        # A multi-worker collective aborted (a peer died, or a timeout): one clear line, not a traceback.
+        # A multi-worker collective aborted (a peer died or stopped answering): one clear line, not a traceback.
         import tensorflow as tf
 
         if not (os.environ.get("TF_CONFIG") and isinstance(error, tf.errors.OpError)):
             raise
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras"
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"{prog}: error: multi-worker training stopped ({type(error).__name__}: {detail}); "
-              "another worker probably died. Start every worker again to resume from the last epoch's backup.",
-              file=sys.stderr)
+        print(f"{prog_name()}: error: {_worker_name()}: multi-worker training stopped: a worker stopped answering "
+              f"({type(error).__name__}: {_peer_failure_detail(error)}). Start every worker again to resume "
+              "from the last epoch's backup.", file=sys.stderr)
         return EXIT_FAILURE
     _dump_weights_for_tests(result.model)
     metrics = result.metrics
@@ -98,6 +98,35 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     if result.export is not None:
         _print_export_table(result.export)
     return 0
+
+
+def _worker_name() -> str:
+    from mnist_keras import strategy
+
+    index = strategy.tf_config_task_index()
+    return "this worker" if index is None else f"worker {index}"
+
+
+def _peer_failure_detail(error: Exception) -> str:
+    """The part of a TensorFlow error that says what happened to the peer (its first line says little)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        # The coordination service: "The following tasks are unhealthy (...):", then the tasks.
+        if "unhealthy" in line:
+            return " ".join(lines[index:index + 2])
+        # A worker whose heartbeats to the coordination service (on worker 0) get no answer.
+        if "CoordinationService/Heartbeat" in line:
+            return "the coordination service on worker 0 stopped answering heartbeats"
+    return lines[0] if lines else type(error).__name__
+
+
+def _exit_stalled(timeout: float) -> None:
+    """The training watchdog fired (the main thread is stuck in a collective): one line, then exit at once."""
+    from mnist_keras import strategy, watchdog
+
+    print(f"{prog_name()}: error: {watchdog.stall_message(timeout, strategy.tf_config_task_index())}",
+          file=sys.stderr, flush=True)
+    os._exit(watchdog.EXIT_STALLED)
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -306,9 +335,24 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     from mnist_keras import artifacts, benchmark
 
     output_dir = config.output_dir or artifacts.DEFAULT_ROOT / "benchmark"
+    if config.soak_epochs:
+        return _soak(config, output_dir)
     report = benchmark.run(config, output_dir=output_dir)
     print(benchmark.format_report(report))
     print(f"\nWrote {output_dir}/{benchmark.REPORT_FILE}")
+    return 0
+
+
+def _soak(config, output_dir) -> int:
+    from mnist_keras import soak
+
+    try:
+        report = soak.run(config, output_dir)
+    except soak.SoakFailedError as error:
+        print(f"{prog_name()}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(soak.format_report(report))
+    print(f"\nWrote {output_dir}/{soak.SOAK_DIR}/{soak.SOAK_FILE}")
     return 0
 
 
@@ -351,9 +395,9 @@ def _without_workers_flag(argv: Sequence[str]) -> list[str]:
     return kept
 
 
-def _launch_workers(argv: Optional[Sequence[str]], workers: int) -> int:
+def _launch_workers(argv: Optional[Sequence[str]], config) -> int:
     """`--workers N`: run this same command as N local workers (see mnist_keras/launch.py)."""
-    from mnist_keras import launch
+    from mnist_keras import artifacts, launch
 
     if os.environ.get("TF_CONFIG"):
         raise config_lib.ConfigError("--workers starts its own cluster and cannot be used with TF_CONFIG set; "
@@ -365,21 +409,23 @@ def _launch_workers(argv: Optional[Sequence[str]], workers: int) -> int:
     else:
         program = [sys.executable, "-c", "import sys; from mnist_keras.cli import train_main; sys.exit(train_main())"]
     command = [*program, *_without_workers_flag(argv or [])]
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras"
-    result = launch.launch_local(command, workers)
+    run_dir = None
+    if not config.dry_run:
+        # Refused here, before any worker starts; the workers' logs then go into the run folder.
+        run_dir = artifacts.prepare_run_dir(config.output_dir or artifacts.default_run_dir(config.arch),
+                                            overwrite=config.overwrite)
+    result = launch.launch_local(command, config.workers, run_dir=run_dir)
+    if result.interrupted is not None:
+        print(f"{prog_name()}: {result.describe_failure()}", file=sys.stderr)
+        return 128 + result.interrupted
     if not result.ok:
-        print(f"{prog}: error: {result.describe_failure()}", file=sys.stderr)
+        failed = result.failed_worker
+        if failed != 0 and result.tails[failed]:  # worker 0's output is already on the console
+            print(f"Last lines of worker {failed}:", file=sys.stderr)
+            print("\n".join(f"[worker {failed}] {line}" for line in result.tails[failed]), file=sys.stderr)
+        print(f"{prog_name()}: error: {result.describe_failure()}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
-
-
-def _task_index() -> int:
-    import json
-
-    try:
-        return int(json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {}).get("index", 0))
-    except (ValueError, AttributeError):
-        return 0
 
 
 def _dump_weights_for_tests(model) -> None:
@@ -388,19 +434,24 @@ def _dump_weights_for_tests(model) -> None:
         import numpy as np
 
         os.makedirs(folder, exist_ok=True)
-        np.savez(os.path.join(folder, f"worker{_task_index()}.npz"), *model.get_weights())
+        from mnist_keras import strategy
+
+        np.savez(os.path.join(folder, f"worker{strategy.tf_config_task_index() or 0}.npz"), *model.get_weights())
 
 
 def _test_callbacks() -> list:
     crash_after = os.environ.get(_CRASH_AFTER_EPOCH_ENV)
-    if not crash_after:
-        return []
+    hang_after = os.environ.get(_HANG_AFTER_EPOCH_ENV)
 
-    def crash(epoch: int, logs: dict) -> None:
-        if epoch + 1 == int(crash_after):
+    def crash_or_hang(epoch: int, logs: dict) -> None:
+        if crash_after and epoch + 1 == int(crash_after):
             os._exit(17)  # like kill -9: no cleanup, no exception handling
+        if hang_after and epoch + 1 == int(hang_after):
+            import time
 
-    return [crash]
+            time.sleep(10**6)
+
+    return [crash_or_hang] if crash_after or hang_after else []
 
 
 def serve_parser() -> argparse.ArgumentParser:

@@ -79,8 +79,15 @@ class TrainConfig:
     output_dir: Optional[str] = option(None, "Run folder. Default: saved_models/<arch>.", metavar="DIR")
     workers: int = option(1, "Start this many worker processes on local loopback ports and train with "
                           "multi_worker across them (each runs this same command with TF_CONFIG set).")
-    collective_timeout: float = option(300.0, "multi_worker: seconds one all-reduce may wait for the other "
-                                       "workers before the run fails (0: no limit).")
+    stall_timeout: float = option(300.0, "multi_worker: a worker that finishes no training or evaluation step "
+                                  "(nor an epoch's backup) for this many seconds exits with an error, so a "
+                                  "stuck peer cannot hang the run (one watchdog thread per worker; 0: off). "
+                                  "Counts from the start of training, so it must exceed the first step's "
+                                  "tracing.")
+    collective_timeout: float = option(0.0, "multi_worker: seconds one all-reduce may wait for the other workers "
+                                       "before the run fails (0: no limit). Costly: TensorFlow parks one thread "
+                                       "per collective for the whole timeout, so threads grow with steps per "
+                                       "second times this value; --stall-timeout is the cheap bound.")
     overwrite: bool = option(False, "Replace an existing finished run in the output folder.")
     export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel and "
                           "every TFLite variant, each loaded back and scored on the test set.")
@@ -124,6 +131,7 @@ class TrainConfig:
         check_range("seed", self.seed, minimum=0)
         check_range("workers", self.workers, minimum=1)
         check_range("collective_timeout", self.collective_timeout, minimum=0.0)
+        check_range("stall_timeout", self.stall_timeout, minimum=0.0)
         if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
             raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
                               f"Received: --strategy {self.strategy}")
@@ -260,6 +268,9 @@ class BenchmarkConfig:
     overwrite: bool = option(False, "Replace an existing benchmark in the output folder.")
     smoke: bool = option(False, "Seconds-long check of the whole benchmark on tiny synthetic data "
                          "(its figures mean nothing).")
+    soak_epochs: int = option(0, "Instead of the other rows: the soak, a `train.py --arch cnn --workers 2` run of "
+                              "this many epochs reporting each worker's seconds, ms/step, threads, resident "
+                              "memory and open files per epoch (into <output-dir>/soak/). 0: no soak.")
     verbose: int = option(1, "0: quiet, 1: log each measurement.")
 
     def __post_init__(self) -> None:
@@ -275,6 +286,7 @@ class BenchmarkConfig:
         check_range("baseline_batch_size", self.baseline_batch_size, minimum=1)
         check_range("profile_steps", self.profile_steps, minimum=0)
         check_range("latency_runs", self.latency_runs, minimum=1)
+        check_range("soak_epochs", self.soak_epochs, minimum=0)
         check_range("seed", self.seed, minimum=0)
 
 

@@ -1,10 +1,17 @@
 """Start N training workers on this machine's loopback ports, as one multi-worker job.
 
 Each worker is the same command with its own `TF_CONFIG` (worker i of N), so
-`MultiWorkerMirroredStrategy` joins them into one cluster. Their output is
-relayed line by line with a `[worker i]` prefix. When any worker fails, the
-others are stopped at once (they would otherwise wait on collectives with a
-dead peer) and the result names the one that failed first.
+`MultiWorkerMirroredStrategy` joins them into one cluster. As with `torchrun`
+or `accelerate launch`: worker 0's output is relayed to the console (prefixed
+`[worker 0]`), every worker's full output goes to its log file
+(`<run>/logs/worker-<i>.log`), and the last lines of each are kept so that a
+failure can show them. When any worker fails, the others are stopped at once
+(they would otherwise wait on collectives with a dead peer) and the result
+names the one that failed first. SIGINT or SIGTERM to the launcher stops every
+worker; the workers run in their own session, so a Ctrl-C in the terminal
+reaches the launcher only and the workers print nothing of their own. Each
+worker gets a private TMPDIR inside one folder that the launcher deletes
+however the workers end, so a killed run leaves nothing in the temp folder.
 
 This module imports neither TensorFlow nor Keras: the launcher itself does no
 TensorFlow work, so it starts instantly and holds no accelerator.
@@ -12,38 +19,60 @@ TensorFlow work, so it starts instantly and holds no accelerator.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Mapping, Optional, Sequence, TextIO
+
+from mnist_keras import artifacts
 
 logger = logging.getLogger(__name__)
 
-# Seconds a worker gets to exit after SIGTERM before it is killed.
-STOP_GRACE_SECONDS = 5.0
+# Seconds a worker gets to exit after SIGTERM before it is killed. Short: a TensorFlow worker under
+# MultiWorkerMirroredStrategy does not end on SIGTERM (TensorFlow takes the signal as a preemption
+# notice; a worker took 94 s to go, measured), and nothing is lost by killing it: backups are
+# written at epoch ends, atomically.
+STOP_GRACE_SECONDS = 2.0
 POLL_SECONDS = 0.2
+# Lines of each worker's output kept to show when it fails.
+TAIL_LINES = 20
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchResult:
-    """Exit statuses of every worker; `failed_worker` is the first that failed (None on success)."""
+    """How every worker ended.
+
+    `failed_worker` is the first that failed (None on success or interruption);
+    `interrupted` the signal that stopped the launcher (None otherwise);
+    `tails[i]` the last lines of worker i's output; `log_files[i]` its full log
+    (None when no log folder was given).
+    """
 
     returncodes: tuple[int, ...]
     failed_worker: Optional[int] = None
+    interrupted: Optional[int] = None
+    tails: tuple[tuple[str, ...], ...] = ()
+    log_files: tuple[Optional[Path], ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.failed_worker is None
+        return self.failed_worker is None and self.interrupted is None
 
     def describe_failure(self) -> str:
-        """One line naming the failed worker and how it ended."""
+        """One line naming the failed worker and how it ended (or the signal that stopped the launch)."""
+        if self.interrupted is not None:
+            return f"stopped by {signal.Signals(self.interrupted).name}; stopped every worker"
         if self.failed_worker is None:
             return ""
         code = self.returncodes[self.failed_worker]
@@ -53,7 +82,9 @@ class LaunchResult:
                 how = f"killed by {signal.Signals(-code).name}"
             except ValueError:
                 how = f"killed by signal {-code}"
-        return f"worker {self.failed_worker} failed ({how}); stopped the other workers"
+        log = self.log_files[self.failed_worker] if self.failed_worker < len(self.log_files) else None
+        where = f"; its log: {log}" if log is not None else ""
+        return f"worker {self.failed_worker} failed ({how}); stopped the other workers{where}"
 
 
 def free_loopback_ports(count: int) -> list[int]:
@@ -77,12 +108,33 @@ def tf_configs(ports: Sequence[int], host: str = "localhost") -> list[str]:
             for index in range(len(ports))]
 
 
-def _relay(stream, prefix: str, output: TextIO, lock: threading.Lock) -> None:
-    for line in iter(stream.readline, ""):
-        with lock:
-            output.write(prefix + line if line.endswith("\n") else prefix + line + "\n")
-            output.flush()
-    stream.close()
+class _Relay:
+    """Reads one worker's output: into its log file, its tail, and (worker 0) the console."""
+
+    def __init__(self, process: subprocess.Popen, log_file: Optional[Path], console: Optional[TextIO],
+                 prefix: str, lock: threading.Lock) -> None:
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._args = (process.stdout, log_file, console, prefix, lock)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        stream, log_file, console, prefix, lock = self._args
+        log = open(log_file, "a", buffering=1) if log_file is not None else None
+        try:
+            for line in iter(stream.readline, ""):
+                line = line if line.endswith("\n") else line + "\n"
+                self.tail.append(line.rstrip("\n"))
+                if log is not None:
+                    log.write(line)
+                if console is not None:
+                    with lock:
+                        console.write(prefix + line)
+                        console.flush()
+        finally:
+            stream.close()
+            if log is not None:
+                log.close()
 
 
 def _stop(processes: Sequence[subprocess.Popen]) -> None:
@@ -99,18 +151,48 @@ def _stop(processes: Sequence[subprocess.Popen]) -> None:
             process.wait()
 
 
+class _StopSignals:
+    """While active (main thread only): SIGINT and SIGTERM are recorded in `received` instead of acting."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _first_failure(processes: Sequence[subprocess.Popen]) -> Optional[int]:
+    return next((index for index, process in enumerate(processes) if process.poll() not in (None, 0)), None)
+
+
 def launch_local(
     command: Sequence[str],
     workers: int,
     env: Optional[Mapping[str, str]] = None,
     output: Optional[TextIO] = None,
+    run_dir: Optional[Path | str] = None,
 ) -> LaunchResult:
     """Run `command` as `workers` processes forming one cluster on loopback; wait for all of them.
 
     `env` (default: this process's environment) is given to every worker, plus
-    its TF_CONFIG. Output goes to `output` (default: stdout) with a `[worker i]`
-    prefix. Returns when every worker has exited, or as soon as one fails (the
-    others are then terminated).
+    its TF_CONFIG. Worker 0's output goes to `output` (default: stdout) with a
+    `[worker 0]` prefix; with a `run_dir`, every worker's output is appended to
+    `<run_dir>/logs/worker-<i>.log`. Returns when every worker has exited, as
+    soon as one fails (the others are then stopped), or when the launcher gets
+    SIGINT or SIGTERM (every worker is then stopped).
     """
     if workers < 2:
         raise ValueError(f"--workers must be >= 2 to launch a cluster. Received: {workers}")
@@ -119,34 +201,47 @@ def launch_local(
     base_env.pop("TF_CONFIG", None)
     # Workers' output goes through pipes; unbuffered, it arrives line by line.
     base_env["PYTHONUNBUFFERED"] = "1"
+    log_files: list[Optional[Path]] = [None] * workers
+    if run_dir is not None:
+        log_files = [Path(run_dir) / artifacts.worker_log_file(index) for index in range(workers)]
+        log_files[0].parent.mkdir(parents=True, exist_ok=True)
     configs = tf_configs(free_loopback_ports(workers))
+    # The workers' temporary files (TensorFlow's autograph writes some, deleted only at a clean exit)
+    # go into one folder the launcher deletes however the workers end.
+    worker_tmp = Path(tempfile.mkdtemp(prefix="mnist_keras_workers_"))
     lock = threading.Lock()
     processes: list[subprocess.Popen] = []
-    relays: list[threading.Thread] = []
-    try:
-        for index, tf_config in enumerate(configs):
-            process = subprocess.Popen(
-                list(command), env={**base_env, "TF_CONFIG": tf_config}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-            processes.append(process)
-            logger.info("Started worker %d (pid %d)", index, process.pid)
-            relay = threading.Thread(target=_relay, args=(process.stdout, f"[worker {index}] ", output, lock),
-                                     daemon=True)
-            relay.start()
-            relays.append(relay)
-        failed = None
-        while failed is None and any(process.poll() is None for process in processes):
-            for index, process in enumerate(processes):
-                if process.poll() not in (None, 0):
-                    failed = index
+    relays: list[_Relay] = []
+    failed = None
+    with _StopSignals() as stop_signals:
+        try:
+            for index, tf_config in enumerate(configs):
+                tmp = worker_tmp / f"worker-{index}"
+                tmp.mkdir()
+                # A session of their own: a terminal's Ctrl-C reaches the launcher, which stops them.
+                process = subprocess.Popen(
+                    list(command), env={**base_env, "TF_CONFIG": tf_config, "TMPDIR": str(tmp)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                    start_new_session=True)
+                processes.append(process)
+                logger.info("Started worker %d (pid %d)", index, process.pid)
+                relays.append(_Relay(process, log_files[index], output if index == 0 else None,
+                                     f"[worker {index}] ", lock))
+            while stop_signals.received is None and any(process.poll() is None for process in processes):
+                failed = _first_failure(processes)
+                if failed is not None:
                     break
-            else:
                 time.sleep(POLL_SECONDS)
-        if failed is None:  # all exited; one may have failed in the last interval
-            failed = next((i for i, p in enumerate(processes) if p.returncode != 0), None)
-    finally:
-        # Also reached on KeyboardInterrupt: never leave workers running.
-        _stop(processes)
-        for relay in relays:
-            relay.join(timeout=2.0)
-    return LaunchResult(tuple(process.returncode for process in processes), failed)
+            if failed is None and stop_signals.received is None:  # all exited; one may have failed last
+                failed = _first_failure(processes)
+        finally:
+            # Also reached on an exception: never leave workers running.
+            _stop(processes)
+            for relay in relays:
+                relay.thread.join(timeout=2.0)
+            shutil.rmtree(worker_tmp, ignore_errors=True)
+    interrupted = stop_signals.received
+    return LaunchResult(tuple(process.returncode for process in processes),
+                        failed_worker=None if interrupted else failed, interrupted=interrupted,
+                        tails=tuple(tuple(relay.tail) for relay in relays), log_files=tuple(log_files))

@@ -66,7 +66,10 @@ class TrainingLoop:
         global_batch_size: int,
         steps_per_execution: int = 100,
         label_smoothing: float = 0.0,
+        heartbeat: Optional[Callable[[], None]] = None,
     ) -> None:
+        """`heartbeat` (e.g. `StepWatchdog.tick`) is called whenever a group of training or
+        evaluation steps, or an epoch's callbacks (the backup), has finished."""
         replicas = strategy.num_replicas_in_sync
         if global_batch_size % replicas:
             raise ValueError(f"--batch-size must be a multiple of the {replicas} replicas. "
@@ -77,6 +80,7 @@ class TrainingLoop:
         self.strategy = strategy
         self.global_batch_size = global_batch_size
         self.steps_per_execution = steps_per_execution
+        self.heartbeat = heartbeat or (lambda: None)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
         # Training may aim at smoothed targets (1 - s on the label, s/10 spread over all ten
         # classes); every reported loss is the plain cross-entropy, so runs stay comparable.
@@ -152,6 +156,7 @@ class TrainingLoop:
             count = min(self.steps_per_execution, steps - done)
             totals += step_fn(iterator, tf.constant(count, tf.int32)).numpy()
             done += count
+            self.heartbeat()
             if progbar is not None:
                 progbar.update(done, values=[(prefix + "loss", totals[0] / totals[2]),
                                              (prefix + "accuracy", totals[1] / totals[2])])
@@ -197,6 +202,7 @@ class TrainingLoop:
             stop = False
             for callback in callbacks:
                 stop = bool(callback(epoch, logs)) or stop
+                self.heartbeat()
             if stop:
                 logger.info("Stopping after epoch %d: a callback asked to", epoch + 1)
                 break

@@ -5,15 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
 STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
-# Seconds one multi-worker collective may wait for its peers before it fails with DeadlineExceeded.
-DEFAULT_COLLECTIVE_TIMEOUT = 300.0
+# Seconds one multi-worker collective may wait for its peers before it fails with DeadlineExceeded
+# (0: no limit). Off by default: TensorFlow enforces it with one thread per collective op that sleeps
+# out the whole timeout, so a run's thread count grows with its steps (see mnist_keras/watchdog.py).
+DEFAULT_COLLECTIVE_TIMEOUT = 0.0
+
+
+def tf_config_task_index() -> Optional[int]:
+    """This process's worker index in TF_CONFIG (None when TF_CONFIG is unset or names no task)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        index = json.loads(raw).get("task", {}).get("index")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return int(index) if isinstance(index, int) else None
 
 
 def tf_config_worker_count() -> int:
@@ -44,12 +58,13 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
     auto: multi_worker when TF_CONFIG names more than one worker, mirrored over
     all GPUs when more than one is visible, else the default strategy.
 
-    A multi-worker run must not hang when a peer dies. Two mechanisms bound it:
-    TensorFlow's coordination service (which MultiWorkerMirroredStrategy starts
-    with its heartbeat health check on) aborts collectives when a peer stops
-    answering, and `collective_timeout` (seconds, 0 = none) fails any single
-    all-reduce that waits longer than that, which also catches a peer that is
-    alive but stuck.
+    A multi-worker run must not hang when a peer dies: TensorFlow's coordination
+    service (which MultiWorkerMirroredStrategy starts, with heartbeats) aborts
+    collectives when a peer's process stops answering. A peer that is alive but
+    stuck is bounded by the training loop's watchdog (`watchdog.StepWatchdog`),
+    not here. `collective_timeout` (seconds, 0 = none) fails any single
+    all-reduce that waits longer, at the cost of one parked thread per
+    collective for the whole timeout.
     """
     devices = list(devices)
     if name not in STRATEGY_NAMES:
@@ -119,6 +134,14 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     task_type, task_id = resolver.task_type, resolver.task_id
     return task_type == "chief" or (task_type == "worker" and task_id == 0
                                     and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> Optional[int]:
+    """This process's worker index in a multi-worker run (None outside one)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return None
+    return int(resolver.task_id)
 
 
 def mixed_precision_policy() -> str:

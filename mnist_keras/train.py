@@ -7,12 +7,13 @@ does) so an end-to-end run takes seconds and never downloads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -23,7 +24,9 @@ from mnist_keras import data as data_lib
 from mnist_keras import export as export_lib
 from mnist_keras import loop as loop_lib
 from mnist_keras import models
+from mnist_keras import resources as resources_lib
 from mnist_keras import strategy as strategy_lib
+from mnist_keras import watchdog as watchdog_lib
 from mnist_keras.config import ExportConfig, TrainConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
@@ -70,10 +73,11 @@ def augmentation(config: TrainConfig) -> data_lib.Augmentation:
     return data_lib.Augmentation(config.shift_pixels, config.rotation_degrees, config.scale_range)
 
 
-def training_loop(config: TrainConfig, model: keras.Model, strategy: tf.distribute.Strategy) -> loop_lib.TrainingLoop:
+def training_loop(config: TrainConfig, model: keras.Model, strategy: tf.distribute.Strategy,
+                  heartbeat: Optional[Callable[[], None]] = None) -> loop_lib.TrainingLoop:
     """The loop that trains `model` as `config` says (batch size, steps per call, label smoothing)."""
     return loop_lib.TrainingLoop(model, strategy, config.batch_size, config.steps_per_execution,
-                                 label_smoothing=config.label_smoothing)
+                                 label_smoothing=config.label_smoothing, heartbeat=heartbeat)
 
 
 def run(
@@ -83,6 +87,7 @@ def run(
     output_dir: Optional[Path | str] = None,
     hyperparameters: Optional[Mapping[str, Any]] = None,
     callbacks: Sequence[loop_lib.EpochCallback] = (),
+    on_stall: Callable[[float], None] = watchdog_lib.exit_stalled,
 ) -> TrainResult:
     """Train `config.arch`, evaluate on the test set, and write the run folder (if `output_dir`).
 
@@ -93,7 +98,15 @@ def run(
     With an `output_dir`, the training state is backed up at every epoch end
     into `<output_dir>/backup`; a run started again on a folder holding a backup
     resumes at its first unfinished epoch. Under multi-worker training only the
-    chief writes `output_dir`. `callbacks` run after each epoch, after the backup.
+    chief writes the run's results; the other workers write only their backup
+    copy (deleted at the end) and their resource log. `callbacks` run after
+    each epoch, after the backup.
+
+    Under multi-worker training a watchdog (`config.stall_timeout`) calls
+    `on_stall(timeout)` from its thread when no step has finished for that
+    long (a peer is stuck); the default logs one line and ends the process.
+    Each worker appends its threads, memory and open files per epoch to
+    `<output_dir>/logs/resources[-worker-<i>].jsonl`.
     """
     hyperparameters = dict(hyperparameters or {})
     started = time.perf_counter()
@@ -101,6 +114,7 @@ def run(
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
     chief = strategy_lib.is_chief(strategy)
+    worker = strategy_lib.worker_index(strategy)
     run_dir = None
     if output_dir is not None and not config.dry_run and chief:
         # Refuse before any expensive work, so a mistake costs nothing.
@@ -115,35 +129,44 @@ def run(
 
     keras.utils.set_random_seed(config.seed)
     model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
-    training = training_loop(config, model, strategy)
+    watchdog = None
+    if worker is not None and config.stall_timeout > 0:
+        watchdog = watchdog_lib.StepWatchdog(config.stall_timeout, on_stall)
+    training = training_loop(config, model, strategy, heartbeat=watchdog.tick if watchdog is not None else None)
 
     # Every worker takes part in backups (saving reads variables through collectives); only the
     # chief's lands in the run folder.
     backup = None
     initial_epoch = 0
     if output_dir is not None and not config.dry_run:
-        backup = backup_lib.EpochBackup(model, strategy, output_dir, chief=chief)
+        backup = backup_lib.EpochBackup(model, strategy, output_dir, chief=chief, worker=worker or 0)
         initial_epoch = backup.restore()
     epoch_callbacks: list = [backup] if backup is not None else []
+    if output_dir is not None and not config.dry_run:
+        epoch_callbacks.append(resources_lib.ResourceLog(
+            Path(output_dir) / artifacts.LOGS_DIR / resources_lib.resources_file(worker),
+            data_lib.steps_per_epoch(len(data.x_train), config.batch_size)))
     if run_dir is not None:
         epoch_callbacks.append(tensorboard_callback(run_dir / artifacts.LOGS_DIR))
     epoch_callbacks.extend(callbacks)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     train_started = time.perf_counter()
-    try:
-        history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
-                               validation_data=validation, initial_epoch=initial_epoch,
-                               callbacks=epoch_callbacks, verbose=config.verbose,
-                               augmentation=augmentation(config))
-    finally:
-        if backup is not None:
-            backup.discard_temporary()
-    # With an EMA of the weights, the model ends with the average (a no-op otherwise).
-    model.optimizer.finalize_variable_values(model.trainable_variables)
-    train_seconds = time.perf_counter() - train_started
+    # The watchdog guards every step that needs the other workers: training, backups, the test set.
+    with watchdog if watchdog is not None else contextlib.nullcontext():
+        try:
+            history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
+                                   validation_data=validation, initial_epoch=initial_epoch,
+                                   callbacks=epoch_callbacks, verbose=config.verbose,
+                                   augmentation=augmentation(config))
+        finally:
+            if backup is not None:
+                backup.discard_temporary()
+        # With an EMA of the weights, the model ends with the average (a no-op otherwise).
+        model.optimizer.finalize_variable_values(model.trainable_variables)
+        train_seconds = time.perf_counter() - train_started
+        test = training.evaluate(data.x_test, data.y_test)
     if backup is not None:
         history = backup.history  # every epoch, including those before a resume
-    test = training.evaluate(data.x_test, data.y_test)
 
     metrics = {
         "arch": config.arch,

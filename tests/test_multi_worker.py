@@ -57,25 +57,30 @@ def test_workers_flag_is_removed_from_the_workers_command():
     assert _without_workers_flag(["--workers=3", "--seed", "2"]) == ["--seed", "2"]
 
 
-def test_launcher_prefixes_output_and_succeeds(tmp_path):
-    output = tmp_path / "log.txt"
+def test_launcher_shows_worker_0_and_logs_every_worker(tmp_path):
+    output = tmp_path / "console.txt"
     script = "import json, os; print('task', json.loads(os.environ['TF_CONFIG'])['task']['index'])"
     with open(output, "w") as handle:
-        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle)
+        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle, run_dir=tmp_path / "run")
     assert result.ok and result.returncodes == (0, 0)
-    assert sorted(output.read_text().splitlines()) == ["[worker 0] task 0", "[worker 1] task 1"]
+    assert output.read_text().splitlines() == ["[worker 0] task 0"]
+    for index in (0, 1):
+        assert (tmp_path / "run" / artifacts.worker_log_file(index)).read_text() == f"task {index}\n"
 
 
 def test_launcher_stops_the_others_and_names_the_failed_worker(tmp_path):
     # Worker 1 dies at once; worker 0 would sleep for a minute.
     script = ("import json, os, sys, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
               "sys.exit(3) if i == 1 else time.sleep(60)")
+    script = script.replace("sys.exit(3)", "print('dying') or sys.exit(3)")
     started = time.monotonic()
     with open(tmp_path / "log.txt", "w") as handle:
-        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle)
+        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle, run_dir=tmp_path / "run")
     assert time.monotonic() - started < 30
     assert result.failed_worker == 1 and result.returncodes[1] == 3 and result.returncodes[0] != 0
-    assert result.describe_failure().startswith("worker 1 failed (exit status 3)")
+    assert result.describe_failure() == ("worker 1 failed (exit status 3); stopped the other workers; "
+                                         f"its log: {tmp_path / 'run' / artifacts.worker_log_file(1)}")
+    assert result.tails[1] == ("dying",)
 
 
 def test_workers_flag_refuses_an_explicit_single_process_strategy():
@@ -105,8 +110,11 @@ def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path
                              env=env_with(**{_WEIGHTS_DUMP_ENV: str(dumps)}))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     lines = resumed.stdout.splitlines()
+    # Worker 0 on the console; every worker's whole output (both attempts) in its log file.
+    assert any(line.startswith("[worker 0]") and "Resuming at epoch 2" in line for line in lines)
+    assert not any(line.startswith("[worker 1]") for line in lines)
     for worker in (0, 1):
-        assert any(line.startswith(f"[worker {worker}]") and "Resuming at epoch 2" in line for line in lines)
+        assert "Resuming at epoch 2" in (run_dir / artifacts.worker_log_file(worker)).read_text()
     assert_same_weights(dumps)
     metrics = json.loads((run_dir / artifacts.METRICS_FILE).read_text())
     assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2

@@ -1,0 +1,91 @@
+"""Resources stay flat over a long run, in every strategy: threads, resident memory and open files
+of each process do not grow with the number of steps (read from /proc, per epoch, by the run's
+resource log). Synthetic data and a tiny model, so 2,000 real steps take seconds."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mnist_keras import artifacts, resources, train
+from tests.test_multi_worker import TRAIN, env_with, write_npz
+from tests.test_train import tiny_config
+
+# 640 training images (tiny_mnist's 512 + 128, no validation split) in batches of 16: 40 steps an epoch.
+BATCH_SIZE = 16
+STEPS_PER_EPOCH = 40
+EPOCHS = 50  # 2,000 steps
+BASELINE_STEP = 200
+# Few steps per tf.function call, so that the step count is real (each step runs its collectives).
+STEPS_PER_EXECUTION = 10
+MAX_THREAD_GROWTH = 50
+MAX_FD_GROWTH = 5
+MAX_RSS_GROWTH = 0.10  # relative to the baseline
+
+
+def assert_flat(records, who):
+    by_step = {record["epoch"] * STEPS_PER_EPOCH: record for record in records}
+    assert max(by_step) == EPOCHS * STEPS_PER_EPOCH >= 2000, (who, sorted(by_step))
+    first, last = by_step[BASELINE_STEP], by_step[max(by_step)]
+    summary = (f"{who}: step {BASELINE_STEP} -> {max(by_step)}: threads {first['threads']} -> {last['threads']}, "
+               f"RSS {first['rss_mb']} -> {last['rss_mb']} MB, fds {first['fds']} -> {last['fds']}")
+    print(summary)
+    assert last["threads"] - first["threads"] <= MAX_THREAD_GROWTH, summary
+    assert last["fds"] - first["fds"] <= MAX_FD_GROWTH, summary
+    assert last["rss_mb"] <= first["rss_mb"] * (1 + MAX_RSS_GROWTH), summary
+
+
+def flat_config(**overrides):
+    return tiny_config(epochs=EPOCHS, batch_size=BATCH_SIZE, validation_size=0,
+                       steps_per_execution=STEPS_PER_EXECUTION, **overrides)
+
+
+@pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
+def test_resources_stay_flat_in_process(tiny_mnist, tmp_path, strategy_name):
+    if strategy_name == "mirrored":
+        # ReductionToOneDevice: see tests/test_backup.py (collective keys are reused across strategies).
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                                  cross_device_ops=tf.distribute.ReductionToOneDevice())
+    else:
+        strategy = tf.distribute.get_strategy()
+    train.run(flat_config(), data=_without_validation(tiny_mnist), strategy=strategy, output_dir=tmp_path / "run")
+    records = resources.read_resource_log(tmp_path / "run" / artifacts.LOGS_DIR / resources.resources_file())
+    assert_flat(records, strategy_name)
+
+
+def _without_validation(data):
+    """All 640 images for training, as `--validation-size 0` gives the workers."""
+    return dataclasses.replace(data, x_train=np.concatenate([data.x_train, data.x_val]),
+                               y_train=np.concatenate([data.y_train, data.y_val]),
+                               x_val=data.x_val[:0], y_val=data.y_val[:0])
+
+
+def test_resources_stay_flat_with_two_workers(tiny_mnist, tmp_path):
+    data_dir = write_npz(tmp_path / "data", tiny_mnist)
+    run_dir = tmp_path / "run"
+    config = flat_config()
+    command = [sys.executable, TRAIN, "--arch", config.arch, "--epochs", str(EPOCHS), "--batch-size",
+               str(BATCH_SIZE), "--validation-size", "0", "--steps-per-execution", str(STEPS_PER_EXECUTION),
+               "--data-dir", str(data_dir), "--output-dir", str(run_dir), "--verbose", "0", "--workers", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env_with())
+    assert result.returncode == 0, result.stdout + result.stderr
+    for worker in (0, 1):
+        records = resources.read_resource_log(run_dir / artifacts.LOGS_DIR / resources.resources_file(worker))
+        assert_flat(records, f"worker {worker}")
+
+
+def test_soak_smoke_reports_every_worker_and_epoch(tmp_path, capsys):
+    from mnist_keras import cli, soak
+
+    assert cli.benchmark_main(["--soak-epochs", "3", "--smoke", "--output-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / soak.SOAK_DIR / soak.SOAK_FILE).read_text())
+    assert report["workers"] == 2 and report["epochs"] == 3
+    for index, worker in enumerate(report["per_worker"]):
+        assert worker["worker"] == index and [r["epoch"] for r in worker["epochs"]] == [1, 2, 3]
+        assert worker["summary"]["threads"][0] > 0 and worker["summary"]["peak_threads_sampled"] > 0
+    printed = capsys.readouterr().out
+    assert "worker 1: epoch 2 -> 3: threads" in printed and "soak.json" in printed
