@@ -229,11 +229,11 @@ def build_blocks(classifier: DigitClassifier, model_description: str = "", max_b
             # Each component in its own Column: a Sketchpad placed straight in a Row got a
             # wrong canvas width on about half of page loads, and lost strokes.
             with gr.Column(min_width=320):
-                sketchpad = _bounded_sketchpad_class()(
+                sketchpad = _bound_sketchpad(gr.Sketchpad(
                     label="Canvas", type="numpy", image_mode="RGBA", format="png",
                     canvas_size=(CANVAS_SIZE, CANVAS_SIZE), fixed_canvas=True, layers=False,
                     brush=gr.Brush(default_size=BRUSH_SIZE, colors=["#000000"], color_mode="fixed"),
-                    elem_id="canvas")
+                    elem_id="canvas"))
                 with gr.Row():
                     classify_button = gr.Button("Classify", variant="primary", elem_id="classify")
                     clear_button = gr.Button("Clear", elem_id="clear")
@@ -257,44 +257,47 @@ def build_blocks(classifier: DigitClassifier, model_description: str = "", max_b
     return blocks
 
 
-def _bounded_sketchpad_class():
-    """gr.Sketchpad that refuses oversized images before decoding them and keeps few pending uploads.
+def _bound_sketchpad(sketchpad) -> Any:
+    """Make a gr.Sketchpad refuse oversized images before decoding them, and keep few pending uploads.
 
     The page's canvas sends its image either as an uploaded file or as bytes to
     the component's `accept_blobs`, which Gradio keeps in memory under an id
     of the client's choosing, with a list index of the client's choosing.
+    The two methods are wrapped on the instance: a subclass of a Gradio
+    component makes Gradio write a type stub (.pyi) beside this module.
     """
+    import types
+
     import gradio as gr
-    from gradio.components.base import server
     from gradio.data_classes import FileData
 
-    class BoundedSketchpad(gr.Sketchpad):
-        def get_block_name(self) -> str:
-            return "imageeditor"  # the front-end component gr.Sketchpad uses (a subclass would rename it)
+    component_class = type(sketchpad)
 
-        def convert_and_format_image(self, file, flatten_on_white: bool = False):
-            if file is not None:
-                source = file.path if isinstance(file, FileData) else io.BytesIO(file)
-                try:
-                    with Image.open(source, formats=IMAGE_FORMATS) as image:
-                        width, height = image.size
-                except Exception:
-                    raise gr.Error("The canvas sent something that is not an image.") from None
-                if width * height > SKETCH_MAX_PIXELS:
-                    raise gr.Error(f"Canvas image too large: at most {SKETCH_MAX_PIXELS} pixels. "
-                                   f"Received: {width}x{height}")
-            return super().convert_and_format_image(file, flatten_on_white)
+    def convert_and_format_image(self, file, flatten_on_white: bool = False):
+        if file is not None:
+            source = file.path if isinstance(file, FileData) else io.BytesIO(file)
+            try:
+                with Image.open(source, formats=IMAGE_FORMATS) as image:
+                    width, height = image.size
+            except Exception:
+                raise gr.Error("The canvas sent something that is not an image.") from None
+            if width * height > SKETCH_MAX_PIXELS:
+                raise gr.Error(f"Canvas image too large: at most {SKETCH_MAX_PIXELS} pixels. "
+                               f"Received: {width}x{height}")
+        return component_class.convert_and_format_image(self, file, flatten_on_white)
 
-        @server
-        def accept_blobs(self, data):
-            index = data.data.get("index")
-            if index not in (None, "null") and not (str(index).isdigit() and int(index) < 4):
-                raise gr.Error("The canvas has one layer.")
-            super().accept_blobs(data)
-            while len(self.blob_storage) > SKETCH_MAX_PENDING:
-                self.blob_storage.pop(next(iter(self.blob_storage)))
+    def accept_blobs(self, data):
+        index = data.data.get("index")
+        if index not in (None, "null") and not (str(index).isdigit() and int(index) < 4):
+            raise gr.Error("The canvas has one layer.")
+        component_class.accept_blobs(self, data)
+        while len(self.blob_storage) > SKETCH_MAX_PENDING:
+            self.blob_storage.pop(next(iter(self.blob_storage)))
 
-    return BoundedSketchpad
+    accept_blobs._is_server_fn = True  # what Gradio's @server sets: callable from the page
+    sketchpad.convert_and_format_image = types.MethodType(convert_and_format_image, sketchpad)
+    sketchpad.accept_blobs = types.MethodType(accept_blobs, sketchpad)
+    return sketchpad
 
 
 def build_app(model, config: ServeConfig) -> Any:

@@ -343,8 +343,8 @@ def test_sketchpad_blob_store_is_bounded():
     from mnist_keras import serve
 
     with gr.Blocks():
-        sketchpad = serve._bounded_sketchpad_class()()
-    assert sketchpad.get_block_name() == gr.Sketchpad().get_block_name()
+        sketchpad = serve._bound_sketchpad(gr.Sketchpad())
+    assert getattr(sketchpad.accept_blobs, "_is_server_fn", False)  # still callable from the page
 
     def blob(index, id_):
         return types.SimpleNamespace(data={"type": "layer", "index": index, "id": id_, "file": b""},
@@ -440,6 +440,7 @@ def start_serve_script(model: Path, tmpdir: Path, *flags: str) -> tuple[subproce
     return process, match.group(1)
 
 
+@pytest.mark.slow  # two server processes, each paying a TensorFlow import
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
                                                   (signal.SIGTERM, 143, "terminated")])
 def test_signals_exit_non_zero_in_one_line_and_remove_the_temp_folder(model_file, tmp_path, signum, status, word):
@@ -458,22 +459,26 @@ def test_signals_exit_non_zero_in_one_line_and_remove_the_temp_folder(model_file
     assert not list(tmp_path.glob("mnist-keras-serve-*"))
 
 
-def test_a_failed_start_leaves_no_temp_folder(model_file, tmp_path):
-    from tests.test_cli import assert_one_line_error, run_script
+def test_a_failed_start_leaves_no_temp_folder(model_file, tmp_path, monkeypatch, capsys):
+    import tempfile
 
+    from mnist_keras import cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts the upload folder
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     try:
-        env = {"TMPDIR": str(tmp_path)}
-        result = run_script("scripts/serve.py", "--model", str(model_file), "--port", str(busy.getsockname()[1]),
-                            env_extra=env)
-        assert_one_line_error(result, "port")
-        assert_one_line_error(run_script("scripts/serve.py", "--model", str(tmp_path / "bad.keras"), env_extra=env),
-                              "bad.keras")
+        in_use = cli.serve_main(["--model", str(model_file), "--port", str(busy.getsockname()[1]), "--verbose", "0"])
     finally:
         busy.close()
+    bad_model = cli.serve_main(["--model", str(tmp_path / "bad.keras"), "--verbose", "0"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert (in_use, bad_model) == (2, 2)
+    assert len(errors) == 2 and "port" in errors[0] and "bad.keras" in errors[1], errors
     assert not list(tmp_path.glob("mnist-keras-serve-*"))
+    assert "GRADIO_TEMP_DIR" not in os.environ
 
 
 def _peak_rss_bytes(pid: int) -> int:
