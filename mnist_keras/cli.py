@@ -11,6 +11,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +24,7 @@ from mnist_keras import config as config_lib  # noqa: E402  (no TensorFlow impor
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
 
 # Test-only hooks, deliberately not flags: a folder where every worker dumps its final weights
 # (worker<i>.npz), an epoch (1-based) after whose backup training dies as if killed, and one after
@@ -465,21 +467,38 @@ def serve_parser() -> argparse.ArgumentParser:
 
 @_entry_point
 def serve_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python scripts/serve.py --arch cnn` or `--model PATH`"""
+    """`python scripts/serve.py --arch cnn` or `--model PATH`. Ctrl-C exits 130, SIGTERM 143."""
     args = serve_parser().parse_args(argv)
     config = config_lib.config_from_flags(config_lib.ServeConfig, args)
     _setup_logging(config.verbose)
 
     from mnist_keras import artifacts, serve
 
-    model_path = config.model or artifacts.default_run_dir(config.arch)
-    model = artifacts.load_model(model_path)
-    app = serve.build_app(model, config)
-    server = serve.start_server(app, config.host, config.port, log_level="info" if config.verbose else "warning")
-    print(f"Serving {model.description} at {server.url}/  (JSON: POST {server.url}{serve.ENDPOINT}; "
-          f"Ctrl-C stops)", flush=True)
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras-serve"
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        server.wait()
-    except KeyboardInterrupt:
-        server.stop()
+        # The upload folder goes on every way out: a stop, a signal, or a failed start.
+        with serve.upload_folder():
+            model = artifacts.load_model(config.model or artifacts.default_run_dir(config.arch))
+            server = serve.start_server(serve.build_app(model, config), config.host, config.port,
+                                        log_level="info" if config.verbose >= 2 else "warning")
+            print(f"Serving {model.description} at {server.url}/  (JSON: POST {server.url}{serve.ENDPOINT}; "
+                  f"Ctrl-C stops)", flush=True)
+            try:
+                server.wait()
+            finally:
+                server.stop()
+    except _Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()

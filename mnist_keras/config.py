@@ -580,13 +580,18 @@ class ServeConfig:
                                   "or a run folder. Default: saved_models/<arch>/.", metavar="PATH")
     host: str = option("127.0.0.1", "Address to listen on. The default answers this machine only; "
                        "0.0.0.0 opens it to the network.")
+    allowed_hosts: tuple = option((), "Comma-separated extra names clients may send in the Host header "
+                                  "(localhost, 127.0.0.1, [::1] and --host are always allowed; others get 400).",
+                                  metavar="NAME[,NAME...]")
     port: int = option(7860, "TCP port (0: any free port).")
     top_k: int = option(3, "Digits shown and returned per image, most probable first.")
     max_upload_bytes: int = option(2_000_000, "Largest image accepted by the page and the JSON endpoint.")
-    verbose: int = option(1, "0: warnings only, 1: log requests and start-up.")
+    verbose: int = option(1, "0: warnings only, 1: also log refused requests, 2: also uvicorn's start-up "
+                          "and shutdown.")
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, ARCHITECTURES)
         check_range("port", self.port, minimum=0, maximum=65535)
         check_range("top_k", self.top_k, minimum=1, maximum=10)
-        check_range("max_upload_bytes", self.max_upload_bytes, minimum=1024)
+        # The server's memory budget (README, "Security") grows with this; 20 MB is a large photo.
+        check_range("max_upload_bytes", self.max_upload_bytes, minimum=1024, maximum=20_000_000)

@@ -36,18 +36,61 @@ class BlankImageError(ValueError):
     """The image has no ink: nothing to classify."""
 
 
-def load_image(path: Union[os.PathLike, str]) -> Image.Image:
-    """Open and decode an image file. Not an image (or unreadable): one-line ValueError naming the file."""
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than allowed: refused before any pixel is decoded."""
+
+
+def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Sequence[str]] = None,
+                 max_side: Optional[int] = None) -> Image.Image:
+    """Decode an image file (a path or a binary file object) with a bound on the memory it may take.
+
+    The pixel count is read from the header and checked before any pixel is
+    decoded, so a small file that unpacks to gigabytes is refused
+    (`ImageTooLargeError`) without the work. `max_pixels` defaults to Pillow's
+    own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, read, never
+    changed: it is process-wide). `formats` restricts the decoders Pillow may
+    try. `max_side` shrinks a larger image on the way in: JPEG decodes at a
+    reduced scale (`draft`), any other format is box-reduced right after
+    decoding, so later steps work on at most `max_side` pixels a side.
+    Not an image (or unreadable): a one-line ValueError.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with Image.open(source, formats=formats) as image:
+            width, height = image.size
+            if limit and width * height > limit:
+                raise ImageTooLargeError(f"image too large: at most {limit} pixels. Received: {width}x{height}")
+            factor = -(-max(width, height) // max_side) if max_side else 1
+            if factor > 1:
+                image.draft(image.mode, (max(1, width // factor), max(1, height // factor)))  # JPEG only
+            image.load()  # Decode now, so a truncated file fails here and not later.
+            factor = -(-max(image.size) // max_side) if max_side else 1
+            return image.reduce(factor) if factor > 1 else image.copy()
+    except ImageTooLargeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Image.open raises the error over twice Pillow's limit (and the warning too, where the
+        # caller's warning filters say so): refused before decoding, like the check above.
+        raise ImageTooLargeError(f"image too large ({error})") from None
+    except UnidentifiedImageError:
+        allowed = f" among {', '.join(formats)}" if formats else ""
+        raise ValueError(f"not a readable image (not an image in any format Pillow can read{allowed})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"not a readable image ({reason})") from None
+
+
+def load_image(path: Union[os.PathLike, str], max_pixels: Optional[int] = None) -> Image.Image:
+    """Open and decode an image file (see `decode_image`). Any problem: a one-line ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with Image.open(path) as image:
-            image.load()  # Decode now, so a truncated file fails here and not later.
-            return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: not a readable image ({reason})") from None
+        return decode_image(path, max_pixels)
+    except ImageTooLargeError as error:
+        raise ImageTooLargeError(f"{path}: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _to_grayscale(image: Union[Image.Image, np.ndarray]) -> np.ndarray:

@@ -61,10 +61,10 @@ def test_decode_image_refuses_bad_uploads():
 
 
 def test_decode_image_refuses_too_many_pixels(monkeypatch):
-    from mnist_keras import serve
+    from mnist_keras import predict, serve
 
     monkeypatch.setattr(serve, "MAX_PIXELS", 50 * 50)
-    with pytest.raises(serve.InputTooLargeError, match="51x50"):
+    with pytest.raises(predict.ImageTooLargeError, match="51x50"):
         serve.decode_image(png_bytes(np.zeros((50, 51))), 100_000)
 
 
