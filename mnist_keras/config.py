@@ -332,7 +332,8 @@ class ResultsConfig:
 # Per-architecture defaults. Every figure below is a test accuracy on the real MNIST, measured
 # 2026-11-26 on 2 cores (AMD EPYC, AVX-512, TF 2.21) by `scripts/train.py --arch A --seed N` with
 # the flags named, in untimed sweeps on a loaded machine; the README's results table is the timed
-# run. Accuracies differ by a few hundredths of a point on another instruction set (see README).
+# run. On another instruction set a seed can end up to about 0.1 point away (measured between
+# AVX2 and AVX-512; see README), hence the margins above the floors the tests assert.
 TRAIN_PRESETS: Mapping[str, Mapping[str, Any]] = {
     # MLPs: 20 epochs without augmentation ended at .9784 (mlp) and .9780 (mlp_small), seed 1, below
     # the 98.2% / 97.9% wanted on every seed; label smoothing 0.1 gave .9815 / .9751, lr 2e-3 (mlp)
@@ -341,7 +342,7 @@ TRAIN_PRESETS: Mapping[str, Mapping[str, Any]] = {
         "epochs": 30,  # augmented images need more passes: shifts alone, 30 epochs: .9865 (seed 1)
         "batch_size": 128,
         "learning_rate": 1e-3,  # the published rate, as the cosine schedule's peak
-        "shift_pixels": 1,  # with the rotation and scaling below: .9868 .9865 .9889 (seeds 1-3)
+        "shift_pixels": 1,  # with the rotation and scaling below: .9868 .9865 .9889 .9879 .9861 (seeds 1-5)
         "rotation_degrees": 8.0,
         "scale_range": 0.08,
     },
@@ -349,7 +350,7 @@ TRAIN_PRESETS: Mapping[str, Mapping[str, Any]] = {
         "epochs": 30,  # as for mlp; shifts alone, 30 epochs: .9856 (seed 1)
         "batch_size": 128,
         "learning_rate": 1e-2,  # the published rate
-        "shift_pixels": 1,  # with the rotation and scaling below: .9860 (seed 1)
+        "shift_pixels": 1,  # with the rotation and scaling below: .9860 .9850 .9854 .9853 .9848 (seeds 1-5)
         "rotation_degrees": 8.0,
         "scale_range": 0.08,
     },
