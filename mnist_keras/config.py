@@ -96,8 +96,8 @@ class TrainConfig:
                                      "many degrees either way about its centre. 0: off.")
     scale_range: float = option(0.0, "Random-scaling augmentation: zoom every training image by a factor in "
                                 "[1 - s, 1 + s] about its centre. 0: off.")
-    label_smoothing: float = option(0.0, "Train towards 1 - s on the true digit and s/10 spread over all ten "
-                                    "(reported losses stay plain cross-entropy). 0: off.")
+    label_smoothing: float = option(0.0, "Train towards 1 - s + s/10 on the true digit and s/10 on each other "
+                                    "one (reported losses stay plain cross-entropy). 0: off.")
     ema_momentum: float = option(0.0, "Keep an exponential moving average of the weights with this momentum "
                                  "per step (Keras' use_ema) and end training with the averaged weights. 0: off.")
     mixed_precision: bool = option(False, "Compute in 16-bit floats with float32 weights (mixed_float16 on GPU, "
