@@ -82,8 +82,8 @@ class TrainingLoop:
         self.steps_per_execution = steps_per_execution
         self.heartbeat = heartbeat or (lambda: None)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
-        # Training may aim at smoothed targets (1 - s on the label, s/10 spread over all ten
-        # classes); every reported loss is the plain cross-entropy, so runs stay comparable.
+        # Training may aim at smoothed targets (1 - s + s/10 on the label, s/10 on each other
+        # class); every reported loss is the plain cross-entropy, so runs stay comparable.
         self.label_smoothing = label_smoothing
         self._smoothed_loss_fn = keras.losses.CategoricalCrossentropy(
             label_smoothing=label_smoothing, reduction=None) if label_smoothing else None

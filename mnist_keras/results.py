@@ -61,6 +61,8 @@ def summarise(arch: str, recipe: str, runs: list[dict]) -> dict:
         "test_accuracy": accuracies,
         "mean_accuracy": round(statistics.fmean(accuracies), 5),
         "min_accuracy": min(accuracies), "max_accuracy": max(accuracies),
+        "test_loss": [run["test_loss"] for run in runs],
+        "mean_test_loss": round(statistics.fmean(run["test_loss"] for run in runs), 4),
         "train_seconds": seconds,
         "mean_train_seconds": round(statistics.fmean(seconds), 2),
         "min_train_seconds": min(seconds), "max_train_seconds": max(seconds),
@@ -172,8 +174,9 @@ def format_markdown(report: dict) -> str:
         f"Measured {env['date_utc']} on {machine_line(env)}; {env['data']}.",
         f"Command: `{report['command']}` (training seconds exclude data loading and the test evaluation).",
         "",
-        "| arch | recipe | params | epochs | test accuracy: mean | min | max | per seed | training s: mean (min-max) |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        "| arch | recipe | params | epochs | test accuracy: mean | min | max | per seed | test loss: mean "
+        "| training s: mean (min-max) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for row in report["rows"]:
         per_seed = ", ".join(f"{seed}: {_percent(accuracy)}" for seed, accuracy in zip(row["seeds"],
@@ -181,6 +184,6 @@ def format_markdown(report: dict) -> str:
         lines.append(
             f"| `{row['arch']}` | {row['recipe']} | {row['parameters']:,} | {row['epochs']} | "
             f"{_percent(row['mean_accuracy'])} | {_percent(row['min_accuracy'])} | {_percent(row['max_accuracy'])} | "
-            f"{per_seed} | {row['mean_train_seconds']:.1f} ({row['min_train_seconds']:.1f}-"
-            f"{row['max_train_seconds']:.1f}) |")
+            f"{per_seed} | {row['mean_test_loss']:.4f} | "
+            f"{row['mean_train_seconds']:.1f} ({row['min_train_seconds']:.1f}-{row['max_train_seconds']:.1f}) |")
     return "\n".join(lines) + "\n"
