@@ -408,9 +408,9 @@ def _dump_weights_for_tests(model) -> None:
     if folder:
         import numpy as np
 
-        os.makedirs(folder, exist_ok=True)
         from mnist_keras import strategy
 
+        os.makedirs(folder, exist_ok=True)
         np.savez(os.path.join(folder, f"worker{strategy.tf_config_task_index() or 0}.npz"), *model.get_weights())
 
 

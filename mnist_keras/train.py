@@ -149,7 +149,7 @@ def run(
                                    shift_pixels=config.shift_pixels)
         finally:
             if backup is not None:
-                backup.discard_temporary()
+                backup.discard_worker_copy()
         train_seconds = time.perf_counter() - train_started
         test = training.evaluate(data.x_test, data.y_test)
     if backup is not None:
