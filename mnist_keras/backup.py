@@ -92,7 +92,7 @@ class EpochBackup:
         # The chief's folder is the run's backup; make sure nothing is left that would look like one.
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def discard_temporary(self) -> None:
+    def discard_worker_copy(self) -> None:
         """Non-chief workers: delete their own copy (also after a failure)."""
         if not self.chief:
             shutil.rmtree(self.write_directory, ignore_errors=True)

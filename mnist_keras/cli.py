@@ -407,9 +407,10 @@ def _launch_workers(argv: Optional[Sequence[str]], config) -> int:
     if argv is None and sys.argv and os.path.isfile(sys.argv[0]):
         # The script the user ran (scripts/train.py or the console script), so workers name it in errors.
         program = [sys.executable, sys.argv[0]]
-        argv = sys.argv[1:]
     else:
         program = [sys.executable, "-c", "import sys; from mnist_keras.cli import train_main; sys.exit(train_main())"]
+    if argv is None:
+        argv = sys.argv[1:]
     command = [*program, *_without_workers_flag(argv or [])]
     run_dir = None
     if not config.dry_run:
@@ -435,9 +436,9 @@ def _dump_weights_for_tests(model) -> None:
     if folder:
         import numpy as np
 
-        os.makedirs(folder, exist_ok=True)
         from mnist_keras import strategy
 
+        os.makedirs(folder, exist_ok=True)
         np.savez(os.path.join(folder, f"worker{strategy.tf_config_task_index() or 0}.npz"), *model.get_weights())
 
 

@@ -160,7 +160,7 @@ def run(
                                    augmentation=augmentation(config))
         finally:
             if backup is not None:
-                backup.discard_temporary()
+                backup.discard_worker_copy()
         # With an EMA of the weights, the model ends with the average (a no-op otherwise).
         model.optimizer.finalize_variable_values(model.trainable_variables)
         train_seconds = time.perf_counter() - train_started

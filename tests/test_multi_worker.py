@@ -105,6 +105,8 @@ def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path
     assert crashed.returncode == 1, crashed.stdout + crashed.stderr
     assert "error: worker" in crashed.stderr and "failed (exit status 17)" in crashed.stderr
     assert (run_dir / backup.BACKUP_DIR).is_dir() and not artifacts.is_finished_run(run_dir)
+    # The killed non-chief worker's copy stays under the run folder, not in the system temp folder.
+    assert list((run_dir / backup.BACKUP_DIR / backup.worker_copy_dir(1)).glob("ckpt-1.index"))
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=400,
                              env=env_with(**{_WEIGHTS_DUMP_ENV: str(dumps)}))
@@ -137,3 +139,6 @@ def test_bad_workers_and_timeout_values_name_the_flag():
         TrainConfig(workers=2, strategy="default")
     with pytest.raises(ConfigError, match="--collective-timeout must be >= 0"):
         TrainConfig(collective_timeout=-1.0)
+    with pytest.raises(ConfigError, match="--stall-timeout must be >= 0"):
+        TrainConfig(stall_timeout=-1.0)
+    assert TrainConfig().collective_timeout == 0 and 0 < TrainConfig().stall_timeout <= 300

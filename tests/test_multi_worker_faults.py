@@ -183,15 +183,17 @@ def test_sigterm_to_the_launcher_stops_every_worker():
 def test_watchdog_fires_once_without_ticks_and_never_with_them():
     import threading
 
+    def watchdog_threads():
+        return [thread.name for thread in threading.enumerate()].count("step-watchdog")
+
     fired = []
     quiet = watchdog.StepWatchdog(0.5, fired.append, poll_seconds=0.05)
     with quiet:
-        threads = threading.active_count()
         for _ in range(20):
             time.sleep(0.05)
             quiet.tick()
-        assert threading.active_count() == threads  # one thread, whatever the number of ticks
-    assert fired == []
+            assert watchdog_threads() == 1  # one thread, whatever the number of ticks
+    assert fired == [] and watchdog_threads() == 0
     with watchdog.StepWatchdog(0.2, fired.append, poll_seconds=0.05):
         time.sleep(0.6)
     assert fired == [0.2]

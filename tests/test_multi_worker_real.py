@@ -130,7 +130,8 @@ def test_killed_worker_fails_the_launcher_then_the_cluster_resumes(real_mnist_di
     run_dir = tmp_path / "run"
     command = cli_command(real_mnist_dir, run_dir, "--workers", "2")
     launcher = Watched(command, env_with())
-    launcher.wait_for(f"[worker 1] Epoch 2/{EPOCHS}")
+    # Only worker 0 is on the console; the workers train in lockstep, so worker 1 is in epoch 2 too.
+    launcher.wait_for(f"[worker 0] Epoch 2/{EPOCHS}")
     workers = psutil.Process(launcher.process.pid).children()
     worker_1 = next(p for p in workers if '"index": 1' in p.environ().get("TF_CONFIG", ""))
     worker_1.send_signal(signal.SIGKILL)
