@@ -205,6 +205,19 @@ def test_page_events_refuse_server_paths(url, upload_dir, endpoint):
     assert not copied, copied
 
 
+def test_the_upload_handler_opens_only_files_in_the_upload_folder(upload_dir):
+    pytest.importorskip("gradio")
+    from mnist_keras import serve
+
+    inside = upload_dir / "digit.png"
+    inside.write_bytes(digit_png())
+    (upload_dir / "link.png").symlink_to("/etc/passwd")
+    assert serve.uploaded_file(str(inside)) == inside.resolve()
+    for path in (*SERVER_FILES, str(upload_dir / "link.png"), str(upload_dir / ".." / "x.png"), str(upload_dir)):
+        with pytest.raises(ValueError, match="not an uploaded file"):
+            serve.uploaded_file(path)
+
+
 def test_page_upload_classifies_an_uploaded_image(url):
     # The same route still works for what a browser sends: a file it uploaded first.
     stream = gradio_call(url, "from_upload", file_data(upload(url, digit_png())))
