@@ -309,16 +309,16 @@ def _bound_sketchpad(sketchpad) -> Any:
                 with Image.open(source, formats=IMAGE_FORMATS) as image:
                     width, height = image.size
             except Exception:
-                raise gr.Error("The canvas sent something that is not an image.") from None
+                raise gr.Error("The canvas sent something that is not an image.", print_exception=False) from None
             if width * height > SKETCH_MAX_PIXELS:
                 raise gr.Error(f"Canvas image too large: at most {SKETCH_MAX_PIXELS} pixels. "
-                               f"Received: {width}x{height}")
+                               f"Received: {width}x{height}", print_exception=False)
         return component_class.convert_and_format_image(self, file, flatten_on_white)
 
     def accept_blobs(self, data):
         index = data.data.get("index")
         if index not in (None, "null") and not (str(index).isdigit() and int(index) < 4):
-            raise gr.Error("The canvas has one layer.")
+            raise gr.Error("The canvas has one layer.", print_exception=False)
         component_class.accept_blobs(self, data)
         while len(self.blob_storage) > SKETCH_MAX_PENDING:
             self.blob_storage.pop(next(iter(self.blob_storage)))
