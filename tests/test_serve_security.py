@@ -205,6 +205,14 @@ def test_page_events_refuse_server_paths(url, upload_dir, endpoint):
     assert not copied, copied
 
 
+@pytest.mark.parametrize("path", ["/etc/passwd", "../../../../etc/passwd", "..%2f..%2f..%2f..%2fetc%2fpasswd",
+                                  "%2fetc%2fpasswd", "/proc/self/environ", "file:///etc/passwd"])
+def test_the_file_route_serves_no_server_file(url, upload_dir, path):
+    status, body = request(url, f"/gradio_api/file={path}", timeout=5)
+    assert status in (400, 403, 404), (status, body[:100])
+    assert b"root:" not in body and b"PATH=" not in body
+
+
 def test_the_upload_handler_opens_only_files_in_the_upload_folder(upload_dir):
     pytest.importorskip("gradio")
     from mnist_keras import serve
