@@ -228,6 +228,9 @@ def build_blocks(classifier: DigitClassifier, model_description: str = "", max_b
         except ValueError as error:  # a blank canvas or photo: say so on the page
             message = EMPTY_CANVAS_MESSAGE if isinstance(error, predict_lib.BlankImageError) else str(error)
             return None, None, message
+        return shown(result)
+
+    def shown(result: Classification):
         digit, probability = result.top[0]
         return _label_value(result.top), _preview(result.model_input), f"**{digit}** ({probability:.1%})"
 
@@ -248,8 +251,7 @@ def build_blocks(classifier: DigitClassifier, model_description: str = "", max_b
             return None, None, "No digit found in the photo: is it blank?"
         except (ValueError, OSError):
             return None, None, "Not an image: the uploaded file cannot be read as a picture."
-        digit, probability = result.top[0]
-        return _label_value(result.top), _preview(result.model_input), f"**{digit}** ({probability:.1%})"
+        return shown(result)
 
     with gr.Blocks(title="mnist_keras: draw a digit", analytics_enabled=False) as blocks:
         gr.Markdown("## Draw a digit\nDraw one digit 0-9 with the mouse or a finger, or upload a photo of "
