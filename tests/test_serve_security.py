@@ -205,6 +205,27 @@ def test_page_events_refuse_server_paths(url, upload_dir, endpoint):
     assert not copied, copied
 
 
+@pytest.mark.parametrize("path", ["/etc/passwd", "../../../../etc/passwd", "..%2f..%2f..%2f..%2fetc%2fpasswd",
+                                  "%2fetc%2fpasswd", "/proc/self/environ", "file:///etc/passwd"])
+def test_the_file_route_serves_no_server_file(url, upload_dir, path):
+    status, body = request(url, f"/gradio_api/file={path}", timeout=5)
+    assert status in (400, 403, 404), (status, body[:100])
+    assert b"root:" not in body and b"PATH=" not in body
+
+
+def test_the_upload_handler_opens_only_files_in_the_upload_folder(upload_dir):
+    pytest.importorskip("gradio")
+    from mnist_keras import serve
+
+    inside = upload_dir / "digit.png"
+    inside.write_bytes(digit_png())
+    (upload_dir / "link.png").symlink_to("/etc/passwd")
+    assert serve.uploaded_file(str(inside)) == inside.resolve()
+    for path in (*SERVER_FILES, str(upload_dir / "link.png"), str(upload_dir / ".." / "x.png"), str(upload_dir)):
+        with pytest.raises(ValueError, match="not an uploaded file"):
+            serve.uploaded_file(path)
+
+
 def test_page_upload_classifies_an_uploaded_image(url):
     # The same route still works for what a browser sends: a file it uploaded first.
     stream = gradio_call(url, "from_upload", file_data(upload(url, digit_png())))
