@@ -470,12 +470,12 @@ def test_signals_exit_non_zero_in_one_line_and_remove_the_temp_folder(model_file
         assert list(tmp_path.glob("mnist-keras-serve-*")), "no upload folder while serving"
         upload(url, digit_png())  # something in it
         process.send_signal(signum)
-        _, stderr = process.communicate(timeout=30)
+        _, stderr = process.communicate(timeout=90)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == status, stderr
-    lines = [line for line in stderr.splitlines() if "serve.py:" in line or "Traceback" in line]
+    lines = [line for line in stderr.splitlines() if line.startswith(("serve.py:", "Traceback"))]
     assert lines == [f"serve.py: {word}"], stderr[-2000:]
     assert not list(tmp_path.glob("mnist-keras-serve-*"))
 
