@@ -1,14 +1,30 @@
-"""Run folders and the files in them: atomic writes, and no silent overwrites."""
+"""Run folders and the files in them: atomic writes, folders published whole, no silent overwrites.
+
+A folder the package creates for a run gets a marker file (RUN_MARKER); only
+such a folder is ever written into again, and `--overwrite` replaces only the
+entries the package writes there (RUN_ENTRIES), never a user's own files.
+Files and folders are created with the modes the umask gives (0644 and 0755
+under umask 022), so another user can read a shared run folder.
+
+Temporary files and folders are named `.<name>.tmp.<host>-<pid>.<random>`
+beside their target, so a later run can tell a leftover of a killed job (same
+host, process gone) from a job still running, and remove it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from mnist_keras import console
+from mnist_keras.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -18,12 +34,32 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"  # Written last: its presence marks a finished run.
 LOGS_DIR = "logs"
-# Files that mark a folder as a run folder of ours (safe to clear on --overwrite).
-RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, MODEL_FILE, "backup")
+BACKUP_DIR = "backup"  # backup.py's epoch backups of an unfinished run.
+EXPORT_DIR = "export"  # export.py's default folder, beside the model.
+EVALUATION_DIR = "evaluation"  # evaluate.py's default folder for a run's Keras model.
+# Written into every run folder the package creates; a folder without it is not the package's to write.
+RUN_MARKER = ".mnist_keras_run"
+# What the package writes into a run folder: all that --overwrite removes.
+RUN_ENTRIES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, LOGS_DIR, BACKUP_DIR, EXPORT_DIR,
+               EVALUATION_DIR)
+_TEMPORARY = ".tmp."
+_RETIRED = ".old."
 
 
-class OutputExistsError(FileExistsError):
-    """The output folder holds a finished run and --overwrite was not given."""
+class OutputExistsError(UsageError, FileExistsError):
+    """The output folder holds a finished run (and --overwrite was not given), or is not ours to write."""
+
+
+class OutputNotWritableError(UsageError, PermissionError):
+    """The output folder (or the folder it would be created in) cannot be written."""
+
+
+class MissingInputError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class InputFileError(UsageError, ValueError):
+    """A file the user named is not what it should be (not a model, not valid JSON, ...)."""
 
 
 def default_run_dir(arch: str, root: os.PathLike | str = DEFAULT_ROOT) -> Path:
@@ -34,54 +70,232 @@ def is_finished_run(folder: os.PathLike | str) -> bool:
     return (Path(folder) / METRICS_FILE).is_file()
 
 
-def prepare_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> Path:
-    """Make `folder` ready for a new run, refusing to clobber anything not asked for.
+def is_run_folder(folder: os.PathLike | str) -> bool:
+    """A folder the package created for a run (it holds RUN_MARKER)."""
+    return (Path(folder) / RUN_MARKER).is_file()
 
-    - missing or empty: created;
-    - a finished run (metrics.json): refused unless `overwrite`, then cleared;
-    - an unfinished run of ours (a backup from a killed run): kept, so that
-      training can resume from it;
-    - any other non-empty folder: refused (it is not ours to clear).
-    """
+
+def check_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> None:
+    """Refuse `folder` as a run's output, or return without changing anything (see `prepare_run_dir`)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{folder}: exists and is not a folder")
+    check_writable(folder)
     if folder.is_dir() and any(folder.iterdir()):
-        ours = any((folder / marker).exists() for marker in RUN_MARKERS)
-        if not ours:
-            raise OutputExistsError(f"{folder}: not empty and not a run folder; choose another --output-dir")
+        if not is_run_folder(folder):
+            raise OutputExistsError(f"{folder}: not empty and not a run folder of this package (no {RUN_MARKER}); "
+                                    "choose another --output-dir")
+        if is_finished_run(folder) and not overwrite:
+            raise OutputExistsError(f"{folder}: holds a finished run; pass --overwrite to replace it")
+
+
+def prepare_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> Path:
+    """Make `folder` ready for a new run, refusing to clobber anything not asked for.
+
+    - missing or empty: created, and marked as a run folder;
+    - not marked as ours (RUN_MARKER), yet not empty: refused, whatever it holds;
+    - a finished run (metrics.json): refused unless `overwrite`, then the
+      package's entries (RUN_ENTRIES) are removed and every other file kept;
+    - an unfinished run (a backup from a killed run): kept, so that training
+      can resume from it.
+    """
+    folder = Path(folder)
+    check_run_dir(folder, overwrite)
+    if folder.is_dir() and any(folder.iterdir()):
+        clean_leftovers(folder)
         if is_finished_run(folder):
-            if not overwrite:
-                raise OutputExistsError(f"{folder}: holds a finished run; pass --overwrite to replace it")
-            logger.info("Clearing %s (--overwrite)", folder)
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+            logger.info("Replacing the run in %s (--overwrite; other files there are kept)", folder)
+            remove_entries(folder, RUN_ENTRIES)
+        return folder
+    make_folder(folder)
+    write_text(folder / RUN_MARKER, "A run folder written by mnist_keras; --overwrite replaces only "
+                                    f"{', '.join(RUN_ENTRIES)} here.\n")
     return folder
 
 
+def remove_entries(folder: Path, names) -> None:
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def make_folder(folder: Path) -> Path:
+    """mkdir -p, with a one-line error when the place is not writable."""
+    check_writable(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise OutputNotWritableError(f"{folder}: cannot create the folder (permission denied)") from None
+    return folder
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse early (one line) a folder, or the nearest existing folder above it, that cannot be written."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(f"{existing}: not writable; choose another --output-dir")
+
+
+# ---------------------------------------------------------------------------
+# Modes, temporary names, and leftovers of killed jobs.
+# ---------------------------------------------------------------------------
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path, directory: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the mode a plain open()/mkdir would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def temporary_prefix(target: Path) -> str:
+    return f".{target.name}{_TEMPORARY}{_owner_tag()}."
+
+
+def _dead_leftover(name: str) -> Optional[bool]:
+    """For a temporary name of ours: True if its job is gone (same host, no such process), False if it may
+    still run, None if the name carries no owner (a leftover of an older version)."""
+    for kind in (_TEMPORARY, _RETIRED):
+        if kind in name:
+            owner = name.split(kind, 1)[1].split(".", 1)[0]
+            host, _, pid = owner.rpartition("-")
+            if not pid.isdigit() or not host:
+                return None
+            if host != socket.gethostname():
+                return False
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+            return False
+    return False
+
+
+def clean_leftovers(folder: os.PathLike | str) -> list[Path]:
+    """Remove the temporary files and folders that killed jobs left in `folder`; return what was removed.
+
+    A retired folder (`.<name>.old.*`, the previous version of `<name>` set aside
+    while the new one was renamed into place) whose `<name>` is missing is put
+    back rather than removed. Leftovers whose owner cannot be told are reported.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if not name.startswith(".") or (_TEMPORARY not in name and _RETIRED not in name):
+            continue
+        dead = _dead_leftover(name)
+        if dead is None:
+            logger.warning("%s: left by an earlier, interrupted job; delete it if no job is running", path)
+            continue
+        if not dead:
+            continue
+        if _RETIRED in name:
+            target = folder / name[1:].split(_RETIRED, 1)[0]
+            inner = path / target.name
+            if inner.exists() and not target.exists():
+                os.replace(inner, target)
+                logger.warning("%s: put back from %s (a job was killed while replacing it)", target, path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        logger.info("Removed %s, left by a killed job", path)
+        removed.append(path)
+    return removed
+
+
 def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    make_folder(path.parent)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=path.suffix)
     os.close(handle)
     return Path(temporary)
 
 
 def write_atomically(path: os.PathLike | str, write: Callable[[Path], Any]) -> Path:
-    """`write(temporary_path)` beside `path`, then rename into place: readers never see half a file."""
+    """`write(temporary_path)` beside `path`, then rename into place: readers never see half a file.
+
+    The file gets the mode the umask gives a new file (mkstemp's is 0600).
+    """
     path = Path(path)
     temporary = _atomic_target(path)
     try:
         write(temporary)
+        apply_umask(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path
 
 
+def staging_folder(target: os.PathLike | str) -> Path:
+    """An empty folder beside `target` to build it in, with the umask's mode; see `publish_folder`."""
+    target = Path(target)
+    make_folder(target.parent)
+    clean_leftovers(target.parent)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=temporary_prefix(target)))
+    apply_umask(staging, directory=True)
+    return staging
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Rename the finished `staging` folder to `target`, replacing an old `target` whole.
+
+    The old folder is first renamed aside (`.<name>.old.*`); a kill between the two
+    renames leaves it there, and the next `clean_leftovers` puts it back.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{_RETIRED}{_owner_tag()}."))
+    os.replace(target, retired / target.name)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(retired / target.name, target)  # Put the old folder back.
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
 def write_json(path: os.PathLike | str, payload: Any) -> Path:
-    """Write JSON atomically."""
+    """Write JSON atomically. NaN and infinity (a diverged loss) are not JSON: they are written as null."""
     return write_atomically(path, lambda temporary: temporary.write_text(
-        json.dumps(payload, indent=2, sort_keys=False) + "\n"))
+        json.dumps(_finite_or_null(payload), indent=2, sort_keys=False, allow_nan=False) + "\n"))
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def write_text(path: os.PathLike | str, text: str) -> Path:
@@ -94,9 +308,11 @@ def read_json(path: os.PathLike | str) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        raise MissingInputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: is a folder, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputFileError(f"{path}: not valid JSON ({error})") from None
 
 
 def save_keras_model(model, path: os.PathLike | str) -> Path:
@@ -156,18 +372,18 @@ def detect_format(path: os.PathLike | str) -> tuple[Path, str]:
     """(resolved path, format) of a .keras file, a SavedModel folder, a .tflite file or a run folder."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such model file or folder")
+        raise MissingInputError(f"{path}: no such model file or folder")
     if path.is_dir():
         if (path / "saved_model.pb").is_file():
             return path, "saved_model"
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE, "keras"
-        raise ValueError(f"{path}: not a SavedModel folder (no saved_model.pb) nor a run folder (no {MODEL_FILE})")
+        raise InputFileError(f"{path}: not a SavedModel folder (no saved_model.pb) nor a run folder (no {MODEL_FILE})")
     if path.suffix == ".keras":
         return path, "keras"
     if path.suffix == ".tflite":
         return path, "tflite"
-    raise ValueError(f"{path}: not a model (expected a .keras file, a SavedModel folder or a .tflite file)")
+    raise InputFileError(f"{path}: not a model (expected a .keras file, a SavedModel folder or a .tflite file)")
 
 
 def load_model(path: os.PathLike | str) -> LoadedModel:
@@ -190,9 +406,9 @@ def _load_keras(path: Path) -> LoadedModel:
         # loading one would run arbitrary code.
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises ValueError, zipfile errors, OSError...
-        raise ValueError(f"{path}: cannot load as a Keras model ({_first_line(error)})") from None
+        raise InputFileError(f"{path}: cannot load as a Keras model ({_first_line(error)})") from None
     if tuple(model.input_shape[1:]) != (28, 28) or model.output_shape[-1] != 10:
-        raise ValueError(f"{path}: expected a model from 28x28 images to 10 classes. "
+        raise InputFileError(f"{path}: expected a model from 28x28 images to 10 classes. "
                          f"Received: {model.input_shape} -> {model.output_shape}")
     return LoadedModel(path, "keras", lambda x: model.predict_on_batch(x), f"Keras model {path.name}", model,
                        _describe(model.inputs[0].name, model.inputs[0].dtype, model.input_shape),
@@ -206,7 +422,7 @@ def _load_saved_model(path: Path) -> LoadedModel:
         loaded = tf.saved_model.load(str(path))
         signature = loaded.signatures["serving_default"]
     except Exception as error:
-        raise ValueError(f"{path}: cannot load as a SavedModel with a serving_default signature "
+        raise InputFileError(f"{path}: cannot load as a SavedModel with a serving_default signature "
                          f"({_first_line(error)})") from None
     (input_name, input_spec), = signature.structured_input_signature[1].items()
     output_name = next(iter(signature.structured_outputs))
@@ -226,10 +442,11 @@ def _load_tflite(path: Path) -> LoadedModel:
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interpreter = Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
+        with console.native_stderr_captured():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            interpreter = Interpreter(model_path=str(path))
+            interpreter.allocate_tensors()
     except Exception as error:
-        raise ValueError(f"{path}: cannot load as a TFLite model ({_first_line(error)})") from None
+        raise InputFileError(f"{path}: cannot load as a TFLite model ({_first_line(error)})") from None
     input_detail = interpreter.get_input_details()[0]
     output_detail = interpreter.get_output_details()[0]
     input_dtype = input_detail["dtype"]

@@ -45,7 +45,7 @@ def load_image(path: Union[os.PathLike, str]) -> Image.Image:
         with Image.open(path) as image:
             image.load()  # Decode now, so a truncated file fails here and not later.
             return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: not a readable image ({reason})") from None
 

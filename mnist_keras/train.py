@@ -71,7 +71,7 @@ def run(
     strategy: Optional[tf.distribute.Strategy] = None,
     output_dir: Optional[Path | str] = None,
     hyperparameters: Optional[Mapping[str, Any]] = None,
-    callbacks: Sequence[loop_lib.EpochCallback] = (),
+    callbacks: Sequence[loop_lib.Callback] = (),
 ) -> TrainResult:
     """Train `config.arch`, evaluate on the test set, and write the run folder (if `output_dir`).
 
@@ -82,10 +82,19 @@ def run(
     With an `output_dir`, the training state is backed up at every epoch end
     into `<output_dir>/backup`; a run started again on a folder holding a backup
     resumes at its first unfinished epoch. Under multi-worker training only the
-    chief writes `output_dir`. `callbacks` run after each epoch, after the backup.
+    chief writes `output_dir`.
+
+    `callbacks`: `keras.callbacks.Callback`s (EarlyStopping, CSVLogger, ...) or
+    `callable(epoch, logs)` functions, run after the backup and TensorBoard
+    callbacks, with Keras' logs (loss, accuracy, val_loss, val_accuracy) and
+    `model.stop_training` semantics. Under multi-worker training they run on
+    every worker, which all see the same logs (so all stop at the same epoch);
+    give each worker its own file paths (e.g. a CSVLogger's).
     """
     hyperparameters = dict(hyperparameters or {})
     started = time.perf_counter()
+    if output_dir is not None and not config.dry_run:
+        artifacts.check_run_dir(output_dir, overwrite=config.overwrite)  # Errors first, before any start-up line.
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
@@ -100,7 +109,7 @@ def run(
     if config.dry_run:
         data = _dry_run_subset(data, config.batch_size)
         config = dataclasses.replace(config, epochs=1)
-    logger.info(data.summary())
+    logger.debug(data.summary())
 
     keras.utils.set_random_seed(config.seed)
     model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
@@ -115,7 +124,7 @@ def run(
         initial_epoch = backup.restore()
     epoch_callbacks: list = [backup] if backup is not None else []
     if run_dir is not None:
-        epoch_callbacks.append(tensorboard_callback(run_dir / artifacts.LOGS_DIR))
+        epoch_callbacks.append(EpochScalars(run_dir / artifacts.LOGS_DIR))
     epoch_callbacks.extend(callbacks)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     train_started = time.perf_counter()
@@ -196,15 +205,23 @@ def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: d
     logger.info("Wrote %s", run_dir)
 
 
-def tensorboard_callback(log_dir: Path) -> loop_lib.EpochCallback:
-    """Epoch scalars for TensorBoard (`tensorboard --logdir saved_models`)."""
-    writer = tf.summary.create_file_writer(str(log_dir))
+class EpochScalars(keras.callbacks.Callback):
+    """Epoch scalars for TensorBoard (`tensorboard --logdir saved_models`): train/<metric>, validation/<metric>.
 
-    def write(epoch: int, logs: dict) -> None:
-        with writer.as_default(step=epoch + 1):
-            for name, value in logs.items():
+    Not keras.callbacks.TensorBoard, which follows model.fit's own counters and writes graphs and
+    per-batch summaries this loop does not have.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(log_dir))
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        with self.writer.as_default(step=epoch + 1):
+            for name, value in (logs or {}).items():
                 split = "validation" if name.startswith("val_") else "train"
                 tf.summary.scalar(f"{split}/{name.removeprefix('val_')}", value)
-        writer.flush()
+        self.writer.flush()
 
-    return write
+    def on_train_end(self, logs: Optional[dict] = None) -> None:
+        self.writer.close()
