@@ -279,8 +279,9 @@ def tune_main(args: argparse.Namespace) -> int:
     """`python scripts/tune.py --arch mlp --tuner random --max-trials 10 --epochs 3`"""
     config = _config(config_lib.TuneConfig, args)
 
-    errors.import_extra("keras_tuner", "tune", "tune.py")
+    errors.check_extra("keras_tuner", "tune", "tune.py")  # before the slow TensorFlow import
     _import_tensorflow()
+    errors.import_extra("keras_tuner", "tune", "tune.py")
     from mnist_keras import artifacts, tune
 
     output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
@@ -479,8 +480,9 @@ def serve_main(args: argparse.Namespace) -> int:
     """`python scripts/serve.py --arch cnn` or `--model PATH`"""
     config = _config(config_lib.ServeConfig, args)
 
-    errors.import_extra("gradio", "serve", "serve.py")
+    errors.check_extra("gradio", "serve", "serve.py")
     _import_tensorflow()
+    errors.import_extra("gradio", "serve", "serve.py")
     from mnist_keras import artifacts, serve
 
     model_path = config.model or artifacts.default_run_dir(config.arch)

@@ -99,10 +99,6 @@ def run(
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
     chief = strategy_lib.is_chief(strategy)
-    run_dir = None
-    if output_dir is not None and not config.dry_run and chief:
-        # Refuse before any expensive work, so a mistake costs nothing.
-        run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite)
 
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, config.validation_size, config.seed)
@@ -110,6 +106,10 @@ def run(
         data = _dry_run_subset(data, config.batch_size)
         config = dataclasses.replace(config, epochs=1)
     logger.debug(data.summary())
+    run_dir = None
+    if output_dir is not None and not config.dry_run and chief:
+        # Created (and marked as a run folder) once the data is known good: bad data leaves nothing behind.
+        run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite)
 
     keras.utils.set_random_seed(config.seed)
     model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
