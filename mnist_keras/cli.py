@@ -1,15 +1,17 @@
 """Command-line entry points. The only layer that parses argv, prints, and picks default paths.
 
 Each `*_main(argv=None) -> int` is both a console script (see setup.py) and
-the body of `scripts/*.py`. Bad input ends with one line on stderr and exit
-status 2, never a traceback.
+the body of `scripts/*.py`. Input the package recognises as wrong (an
+`errors.UsageError`: a flag, a data file, an output folder, a missing extra)
+ends with one line on stderr and exit status 2; anything else with one line,
+exit status 1, and its traceback in a file the line names (or on stderr with
+--debug). Nothing of TensorFlow's start-up output shows unless -v (console.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 import sys
 from typing import Callable, Optional, Sequence

@@ -411,7 +411,7 @@ def collect_runs(models_dir: os.PathLike | str) -> list[dict]:
             "published_loss": PUBLISHED.get(arch, {}).get("loss"),
         })
     if not rows:
-        raise artifacts.MissingInputError(f"{models_dir}: no finished runs (no */{artifacts.METRICS_FILE}); "
+        raise artifacts.InputFileError(f"{models_dir}: no finished runs (no */{artifacts.METRICS_FILE}); "
                          f"train one first: scripts/train.py --arch cnn")
     order = {arch: index for index, arch in enumerate(ARCHITECTURES)}
     rows.sort(key=lambda row: (order.get(row["arch"], len(order)), row["run"]))
