@@ -180,6 +180,8 @@ class TrainingLoop:
                        prefix + "accuracy": float(totals[1] / totals[2])}
             if callbacks is not None:
                 callbacks.on_train_batch_end(done - 1, running)
+                if self.model.stop_training:  # e.g. TerminateOnNaN: end the epoch here, as model.fit does
+                    break
             if progbar is not None:  # fit finalizes the bar once, with the validation figures
                 progbar.update(done, values=list(running.items()), finalize=False)
         return {prefix + "loss": float(totals[0] / totals[2]), prefix + "accuracy": float(totals[1] / totals[2])}

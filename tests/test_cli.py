@@ -70,14 +70,23 @@ def test_existing_output_refused_by_cli(tmp_path):
     assert (out / "metrics.json").read_text() == '{"test_accuracy": 0.99}'
 
 
-def test_dry_run_from_the_command_line(tmp_path):
+NOISE = ("I0000", "W0000", "E0000", "WARNING: All log messages", "INFO absl", "INFO tensorflow")
+
+
+def test_dry_run_from_the_command_line_is_quiet(tmp_path):
+    """TensorFlow's start-up lines hidden (whatever TF_CPP_MIN_LOG_LEVEL says), and in a pipe the
+    progress bar is one plain line per epoch."""
     make_folder(tmp_path / "data", train=80)
     result = run_script("scripts/train.py", "--arch", "mlp_small", "--dry-run", "--batch-size", "16",
-                        "--validation-size", "16", "--data-dir", str(tmp_path / "data"), "--verbose", "0",
-                        cwd=tmp_path)
+                        "--validation-size", "16", "--data-dir", str(tmp_path / "data"),
+                        cwd=tmp_path, env_extra={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
     assert not (tmp_path / "saved_models").exists()
+    for line in (result.stdout + result.stderr).splitlines():
+        assert not line.lstrip().startswith(NOISE) and " INFO absl" not in line and " INFO tensorflow" not in line, line
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout and "\b" not in result.stdout
+    assert [line.split(" - ")[0] for line in result.stdout.splitlines() if " - loss:" in line] == ["2/2"]
 
 
 # -- flags every command has -------------------------------------------------------------------------
