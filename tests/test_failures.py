@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from mnist_keras import artifacts, cli, train
+from mnist_keras import artifacts, cli, folders, train
 from tests.test_data import make_folder
 
 FAST = ["--arch", "mlp_small", "--epochs", "1", "--batch-size", "8", "--validation-size", "8", "--verbose", "0"]
@@ -118,7 +118,7 @@ def test_empty_read_only_output_dir(tmp_path, capsys, monkeypatch):
     out.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: make the permission check see what a user would
         real_access = os.access
-        monkeypatch.setattr(artifacts.os, "access",
+        monkeypatch.setattr(folders.os, "access",
                             lambda path, mode: False if os.fspath(path) == str(out) else real_access(path, mode))
     try:
         status = cli.train_main([*FAST, "--data-dir", str(tmp_path / "data"), "--output-dir", str(out)])

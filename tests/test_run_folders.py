@@ -11,7 +11,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, cli, evaluate, train
+from mnist_keras import artifacts, cli, evaluate, folders, train
 from mnist_keras.config import EvaluateConfig, TrainConfig
 from tests.conftest import REPO_ROOT
 
@@ -135,14 +135,14 @@ def test_killed_evaluate_leaves_the_old_evaluation_intact(evaluated_run, tiny_mn
 
 def test_leftovers_of_killed_jobs_are_removed_or_put_back(tmp_path, caplog):
     pid = dead_pid()
-    owner = f"{artifacts.socket.gethostname()}-{pid}"
+    owner = f"{folders._host()}-{pid}"
     (tmp_path / f".export.tmp.{owner}.abc").mkdir()
     (tmp_path / f".model.keras.tmp.{owner}.xyz.keras").write_bytes(b"half")
     # Killed between the two renames of a publish: the old folder is set aside, the new one not yet in place.
     retired = tmp_path / f".evaluation.old.{owner}.q1"
     (retired / "evaluation").mkdir(parents=True)
     (retired / "evaluation" / "evaluation.json").write_text("{}")
-    running = tmp_path / f".export.tmp.{artifacts.socket.gethostname()}-{os.getpid()}.live"
+    running = tmp_path / f".export.tmp.{folders._host()}-{os.getpid()}.live"
     running.mkdir()
     unknown = tmp_path / ".export.tmp.k2j3h4"  # an older version's name: no owner to check
     unknown.mkdir()
