@@ -278,7 +278,7 @@ def _trials_table(trials: Sequence[dict], top: int = 5) -> str:
 
 @_entry_point("tune", tune_parser)
 def tune_main(args: argparse.Namespace) -> int:
-    """`python scripts/tune.py --arch mlp --tuner random --max-trials 10 --epochs 3`"""
+    """`python scripts/tune.py --arch cnn --tuner random --max-trials 10 --epochs 3`"""
     config = _config(config_lib.TuneConfig, args)
 
     errors.check_extra("keras_tuner", "tune", "tune.py")  # before the slow TensorFlow import
