@@ -8,11 +8,17 @@ EXTRAS = {
     "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],
     # The draw-a-digit web app (scripts/serve.py).
     "serve": ["gradio>=6.31,<6.32"],
+    # --data-source tfds: MNIST through tensorflow-datasets (it pulls pyarrow and more, ~220 MB).
+    "tfds": ["tensorflow-datasets>=4.9"],
+    # Training on NVIDIA GPUs: TensorFlow with its CUDA libraries (Linux). CI runs on CPU only.
+    "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     # Its browser test also needs Playwright and a Chromium: Debian's `chromium`
     # package (.ci/run installs it with apt-get; Playwright's own download is not used).
     "browser": ["gradio>=6.31,<6.32", "playwright>=1.65"],
 }
-EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for extra in EXTRAS.values() for requirement in extra)})
+# Everything but the GPU build: CI and the tests run on CPU.
+EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items() if name != "gpu"
+                                       for requirement in extra)})
 
 setup(
     name="mnist_keras",
@@ -23,7 +29,6 @@ setup(
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<4",
-        "tensorflow-datasets>=4.9",
         "numpy>=1.26",
         # TF 2.21 no longer pulls TensorBoard in; the run folders carry its logs.
         "tensorboard>=2.21,<2.22",

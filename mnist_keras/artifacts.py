@@ -1,14 +1,26 @@
-"""Run folders and the files in them: atomic writes, and no silent overwrites."""
+"""Run folders and the files in them, and loading any model format the project writes.
+
+A folder the package creates for a run gets a marker file (RUN_MARKER); only
+such a folder is ever written into again, and `--overwrite` replaces only the
+entries the package writes there (RUN_ENTRIES), never a user's own files.
+Files are written atomically, with the modes the umask gives (see folders.py).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+
+from mnist_keras import console
+from mnist_keras.errors import UsageError
+# Part of this module's interface: callers write and refuse through artifacts.
+from mnist_keras.folders import (OutputExistsError, OutputNotWritableError, apply_umask,  # noqa: F401
+                                 check_writable, clean_leftovers, make_folder, publish_folder, remove_entries,
+                                 staging_folder, write_atomically)
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +30,14 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"  # Written last: its presence marks a finished run.
 LOGS_DIR = "logs"
+BACKUP_DIR = "backup"  # backup.py's epoch backups of an unfinished run.
+EXPORT_DIR = "export"  # export.py's default folder, beside the model.
+EVALUATION_DIR = "evaluation"  # evaluate.py's default folder for a run's Keras model.
+# Written into every run folder the package creates; a folder without it is not the package's to write.
+RUN_MARKER = ".mnist_keras_run"
+# What the package writes into a run folder: all that --overwrite removes.
+RUN_ENTRIES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, LOGS_DIR, BACKUP_DIR, EXPORT_DIR,
+               EVALUATION_DIR)
 
 
 def worker_log_file(index: int) -> str:
@@ -25,13 +45,12 @@ def worker_log_file(index: int) -> str:
     return f"{LOGS_DIR}/worker-{index}.log"
 
 
-# Files that mark a folder as a run folder of ours (safe to clear on --overwrite). Worker 0's log is
-# one: the launcher starts it before the chief prepares the folder.
-RUN_MARKERS = (METRICS_FILE, CONFIG_FILE, MODEL_FILE, "backup", worker_log_file(0))
+class MissingInputError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
 
 
-class OutputExistsError(FileExistsError):
-    """The output folder holds a finished run and --overwrite was not given."""
+class InputFileError(UsageError, ValueError):
+    """A file the user named is not what it should be (not a model, not valid JSON, ...)."""
 
 
 def default_run_dir(arch: str, root: os.PathLike | str = DEFAULT_ROOT) -> Path:
@@ -42,54 +61,63 @@ def is_finished_run(folder: os.PathLike | str) -> bool:
     return (Path(folder) / METRICS_FILE).is_file()
 
 
-def prepare_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> Path:
-    """Make `folder` ready for a new run, refusing to clobber anything not asked for.
+def is_run_folder(folder: os.PathLike | str) -> bool:
+    """A folder the package created for a run (it holds RUN_MARKER)."""
+    return (Path(folder) / RUN_MARKER).is_file()
 
-    - missing or empty: created;
-    - a finished run (metrics.json): refused unless `overwrite`, then cleared;
-    - an unfinished run of ours (a backup from a killed run): kept, so that
-      training can resume from it;
-    - any other non-empty folder: refused (it is not ours to clear).
-    """
+
+def check_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> None:
+    """Refuse `folder` as a run's output, or return without changing anything (see `prepare_run_dir`)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{folder}: exists and is not a folder")
+    check_writable(folder)
     if folder.is_dir() and any(folder.iterdir()):
-        ours = any((folder / marker).exists() for marker in RUN_MARKERS)
-        if not ours:
-            raise OutputExistsError(f"{folder}: not empty and not a run folder; choose another --output-dir")
+        if not is_run_folder(folder):
+            raise OutputExistsError(f"{folder}: not empty and not a run folder of this package (no {RUN_MARKER}); "
+                                    "choose another --output-dir")
+        if is_finished_run(folder) and not overwrite:
+            raise OutputExistsError(f"{folder}: holds a finished run; pass --overwrite to replace it")
+
+
+def prepare_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> Path:
+    """Make `folder` ready for a new run, refusing to clobber anything not asked for.
+
+    - missing or empty: created, and marked as a run folder;
+    - not marked as ours (RUN_MARKER), yet not empty: refused, whatever it holds;
+    - a finished run (metrics.json): refused unless `overwrite`, then the
+      package's entries (RUN_ENTRIES) are removed and every other file kept;
+    - an unfinished run (a backup from a killed run): kept, so that training
+      can resume from it.
+    """
+    folder = Path(folder)
+    check_run_dir(folder, overwrite)
+    if folder.is_dir() and any(folder.iterdir()):
+        clean_leftovers(folder)
         if is_finished_run(folder):
-            if not overwrite:
-                raise OutputExistsError(f"{folder}: holds a finished run; pass --overwrite to replace it")
-            logger.info("Clearing %s (--overwrite)", folder)
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+            logger.info("Replacing the run in %s (--overwrite; other files there are kept)", folder)
+            remove_entries(folder, RUN_ENTRIES)
+        return folder
+    make_folder(folder)
+    write_text(folder / RUN_MARKER, "A run folder written by mnist_keras; --overwrite replaces only "
+                                    f"{', '.join(RUN_ENTRIES)} here.\n")
     return folder
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    return Path(temporary)
-
-
-def write_atomically(path: os.PathLike | str, write: Callable[[Path], Any]) -> Path:
-    """`write(temporary_path)` beside `path`, then rename into place: readers never see half a file."""
-    path = Path(path)
-    temporary = _atomic_target(path)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def write_json(path: os.PathLike | str, payload: Any) -> Path:
-    """Write JSON atomically."""
+    """Write JSON atomically. NaN and infinity (a diverged loss) are not JSON: they are written as null."""
     return write_atomically(path, lambda temporary: temporary.write_text(
-        json.dumps(payload, indent=2, sort_keys=False) + "\n"))
+        json.dumps(_finite_or_null(payload), indent=2, sort_keys=False, allow_nan=False) + "\n"))
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def write_text(path: os.PathLike | str, text: str) -> Path:
@@ -102,9 +130,11 @@ def read_json(path: os.PathLike | str) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        raise MissingInputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: is a folder, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputFileError(f"{path}: not valid JSON ({error})") from None
 
 
 def save_keras_model(model, path: os.PathLike | str) -> Path:
@@ -164,18 +194,18 @@ def detect_format(path: os.PathLike | str) -> tuple[Path, str]:
     """(resolved path, format) of a .keras file, a SavedModel folder, a .tflite file or a run folder."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such model file or folder")
+        raise MissingInputError(f"{path}: no such model file or folder")
     if path.is_dir():
         if (path / "saved_model.pb").is_file():
             return path, "saved_model"
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE, "keras"
-        raise ValueError(f"{path}: not a SavedModel folder (no saved_model.pb) nor a run folder (no {MODEL_FILE})")
+        raise InputFileError(f"{path}: not a SavedModel folder (no saved_model.pb) nor a run folder (no {MODEL_FILE})")
     if path.suffix == ".keras":
         return path, "keras"
     if path.suffix == ".tflite":
         return path, "tflite"
-    raise ValueError(f"{path}: not a model (expected a .keras file, a SavedModel folder or a .tflite file)")
+    raise InputFileError(f"{path}: not a model (expected a .keras file, a SavedModel folder or a .tflite file)")
 
 
 def load_model(path: os.PathLike | str) -> LoadedModel:
@@ -198,9 +228,9 @@ def _load_keras(path: Path) -> LoadedModel:
         # loading one would run arbitrary code.
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises ValueError, zipfile errors, OSError...
-        raise ValueError(f"{path}: cannot load as a Keras model ({_first_line(error)})") from None
+        raise InputFileError(f"{path}: cannot load as a Keras model ({_first_line(error)})") from None
     if tuple(model.input_shape[1:]) != (28, 28) or model.output_shape[-1] != 10:
-        raise ValueError(f"{path}: expected a model from 28x28 images to 10 classes. "
+        raise InputFileError(f"{path}: expected a model from 28x28 images to 10 classes. "
                          f"Received: {model.input_shape} -> {model.output_shape}")
     return LoadedModel(path, "keras", lambda x: model.predict_on_batch(x), f"Keras model {path.name}", model,
                        _describe(model.inputs[0].name, model.inputs[0].dtype, model.input_shape),
@@ -214,7 +244,7 @@ def _load_saved_model(path: Path) -> LoadedModel:
         loaded = tf.saved_model.load(str(path))
         signature = loaded.signatures["serving_default"]
     except Exception as error:
-        raise ValueError(f"{path}: cannot load as a SavedModel with a serving_default signature "
+        raise InputFileError(f"{path}: cannot load as a SavedModel with a serving_default signature "
                          f"({_first_line(error)})") from None
     (input_name, input_spec), = signature.structured_input_signature[1].items()
     output_name = next(iter(signature.structured_outputs))
@@ -234,10 +264,11 @@ def _load_tflite(path: Path) -> LoadedModel:
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interpreter = Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
+        with console.native_stderr_captured():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            interpreter = Interpreter(model_path=str(path))
+            interpreter.allocate_tensors()
     except Exception as error:
-        raise ValueError(f"{path}: cannot load as a TFLite model ({_first_line(error)})") from None
+        raise InputFileError(f"{path}: cannot load as a TFLite model ({_first_line(error)})") from None
     input_detail = interpreter.get_input_details()[0]
     output_detail = interpreter.get_output_details()[0]
     input_dtype = input_detail["dtype"]

@@ -40,7 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts
+from mnist_keras import artifacts, console
 from mnist_keras import data as data_lib
 from mnist_keras import loop as loop_lib
 from mnist_keras import models
@@ -436,8 +436,9 @@ def export_for_inference(model: keras.Model, arch: str, folder: Path) -> None:
         float_model.set_weights(model.get_weights())
         model = float_model
     artifacts.save_keras_model(model, folder / artifacts.MODEL_FILE)
-    model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
-    model.export(str(folder / "model_fp32.tflite"), format="litert", verbose=False)
+    with console.native_stderr_captured():  # The TFLite converter prints its settings to fd 2.
+        model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
+        model.export(str(folder / "model_fp32.tflite"), format="litert", verbose=False)
 
 
 def inference_models(folder: Path) -> list[Path]:
@@ -519,6 +520,7 @@ def run(config: BenchmarkConfig, data: Optional[data_lib.MnistData] = None,
 
     # Everything is written into a temporary sibling folder, renamed into place at the end.
     work_dir = Path(tempfile.mkdtemp(prefix=".benchmark.", dir=_parent(output_dir)))
+    artifacts.apply_umask(work_dir, directory=True)  # mkdtemp's 0700 would stay on the published folder
     try:
         for arch in config.arch:
             row, model = default_path_throughput(config, arch, data, epochs)
@@ -574,7 +576,11 @@ def _parent(output_dir: Optional[Path]) -> Optional[str]:
 
 
 def _log(row: dict, section: str) -> None:
-    logger.info("%s: %s", section, {k: v for k, v in row.items() if not isinstance(v, list)})
+    """One readable line per measurement: `training: arch cnn, path default, images per second 9120, ...`."""
+    fields = ", ".join(f"{key.replace('_', ' ')} {value:.4g}" if isinstance(value, float)
+                       else f"{key.replace('_', ' ')} {value}"
+                       for key, value in row.items() if not isinstance(value, (list, dict)) and value is not None)
+    logger.info("%s: %s", section, fields)
 
 
 # ---------------------------------------------------------------------------

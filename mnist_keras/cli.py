@@ -1,26 +1,28 @@
 """Command-line entry points. The only layer that parses argv, prints, and picks default paths.
 
 Each `*_main(argv=None) -> int` is both a console script (see setup.py) and
-the body of `scripts/*.py`. Bad input ends with one line on stderr and exit
-status 2, never a traceback.
+the body of `scripts/*.py`. Input the package recognises as wrong (an
+`errors.UsageError`: a flag, a data file, an output folder, a missing extra)
+ends with one line on stderr and exit status 2; anything else with one line,
+exit status 1, and its traceback in a file the line names (or on stderr with
+--debug). Nothing of TensorFlow's start-up output shows unless -v (console.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-# Quiet TensorFlow's C++ start-up chatter before anything imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN kernels are off by default on AMD CPUs; measured here they train the CNN about 2x faster.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from mnist_keras import config as config_lib  # noqa: E402  (no TensorFlow import)
+from mnist_keras import __version__  # noqa: E402  (none of these imports TensorFlow)
+from mnist_keras import config as config_lib  # noqa: E402
+from mnist_keras import console, errors  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -32,50 +34,147 @@ EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
 _WEIGHTS_DUMP_ENV = "_MNIST_KERAS_TEST_WEIGHTS_DIR"
 _CRASH_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_CRASH_AFTER_EPOCH"
 _HANG_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_HANG_AFTER_EPOCH"
+# Config fields a --config file never sets: replacing a finished run must be asked for each time.
+_NOT_FROM_CONFIG_FILE = ("overwrite",)
 
 
-def _entry_point(main: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Optional[Sequence[str]]], int]:
-    """Turn the library's input errors into one line on stderr and exit status 2."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (the usage block is one --help away)."""
 
-    @functools.wraps(main)
-    def wrapper(argv: Optional[Sequence[str]] = None) -> int:
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras"
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return 130
-        except (ValueError, OSError) as error:  # DataError, ConfigError, OutputExistsError, ...
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"{prog}: error: {message}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return wrapper
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _setup_logging(verbose: int) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _parser(command: str, **kwargs) -> argparse.ArgumentParser:
+    """A command's parser, named as the user ran it, with the flags every command has."""
+    parser = _Parser(prog=prog_name(command), **kwargs)
+    general = parser.add_argument_group("general")
+    general.add_argument("--version", action="version", version=f"%(prog)s (mnist_keras) {__version__}")
+    general.add_argument("--config", metavar="FILE", default=None,
+                         help="Take every setting from a config.json this command wrote (e.g. a run folder's); "
+                              "flags given explicitly still win, and --overwrite is never taken from it.")
+    general.add_argument("--log-level", choices=console.LOG_LEVELS, default="info",
+                         help="info: this package's own lines; debug: also TensorFlow's and other libraries' "
+                              "(default: info).")
+    general.add_argument("-v", dest="log_level", action="store_const", const="debug",
+                         help="Same as --log-level debug.")
+    general.add_argument("--debug", action="store_true",
+                         help="On an unexpected error, print the traceback (otherwise it goes to a file "
+                              "that the error line names).")
+    return parser
+
+
+def prog_name(command: str = "") -> str:
+    """How the user ran the command: `train.py`, `mnist-keras-train`, else the console script's name."""
+    ran = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not command or ran in (f"{command}.py", f"mnist-keras-{command}"):
+        return ran or "mnist-keras"
+    return f"mnist-keras-{command}"
+
+
+def _entry_point(command: str, make_parser: Callable[[], argparse.ArgumentParser]):
+    """Parse argv, then run the job: exit 2 with one line for errors the package recognises,
+    1 with one line (and the traceback in a file, or printed with --debug) for anything else."""
+
+    def decorate(job: Callable[[argparse.Namespace], int]) -> Callable[[Optional[Sequence[str]]], int]:
+        @functools.wraps(job)
+        def main(argv: Optional[Sequence[str]] = None) -> int:
+            prog = prog_name(command)
+            debug = False
+            try:
+                args = make_parser().parse_args(argv)
+                args.argv = None if argv is None else list(argv)
+                debug = args.debug
+                return job(args)
+            except SystemExit as exit_:  # --help, --version, a bad flag
+                return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+            except errors.UsageError as error:
+                print(f"{prog}: error: {_first_line(error)}", file=sys.stderr)
+                return EXIT_USAGE
+            except Exception as error:  # noqa: BLE001  (the point: nothing escapes as a bare traceback)
+                return _report_unexpected(prog, error, debug)
+
+        return main
+
+    return decorate
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _report_unexpected(prog: str, error: BaseException, debug: bool) -> int:
+    """A failure the package did not foresee: one line, and the traceback where the user can find it."""
+    import tempfile
+    import traceback
+
+    summary = f"{type(error).__name__}: {_first_line(error)}"
+    text = "".join(traceback.format_exception(error))
+    if debug:
+        print(text, end="", file=sys.stderr)
+        print(f"{prog}: error: unexpected {summary}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        handle, log_path = tempfile.mkstemp(prefix=f"{prog}-", suffix=".traceback.txt")
+        with os.fdopen(handle, "w") as log:
+            log.write(text)
+        where = f"traceback in {log_path}"
+    except OSError:
+        where = "rerun with --debug for the traceback"
+    print(f"{prog}: error: unexpected {summary} ({where}; --debug prints it)", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _config(config_cls: type, args: argparse.Namespace, presets=None):
+    """The job's config (defaults < arch preset < --config file < flags given), and logging set up for it."""
+    file_values = _config_file_values(args.config, config_cls) if args.config else {}
+    config = config_lib.config_from_flags(config_cls, args, presets, base=file_values)
+    console.configure(args.log_level, getattr(config, "verbose", 1))
+    return config
+
+
+def _config_file_values(path: str, config_cls: type) -> dict:
+    import dataclasses
+
+    from mnist_keras import artifacts
+
+    values = artifacts.read_json(path)
+    if not isinstance(values, dict):
+        raise config_lib.ConfigError(f"--config {path}: expected a JSON object of settings. "
+                                     f"Received: {type(values).__name__}")
+    fields = {field.name for field in dataclasses.fields(config_cls)} - set(_NOT_FROM_CONFIG_FILE)
+    known = {name: value for name, value in values.items() if name in fields}
+    if not known:
+        raise config_lib.ConfigError(f"--config {path}: no setting of this command in it")
+    return known
+
+
+def _import_tensorflow() -> None:
+    """Import TensorFlow with its start-up lines captured (see console.py)."""
+    console.import_tensorflow()
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
+    parser = _parser(
+        "train",
         description="Train an MNIST model and write saved_models/<arch>/ (model.keras, config.json, "
                     "history.json, metrics.json, TensorBoard logs).")
     config_lib.add_config_flags(parser, config_lib.TrainConfig, config_lib.TRAIN_PRESETS)
     return parser
 
 
-@_entry_point
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
+@_entry_point("train", train_parser)
+def train_main(args: argparse.Namespace) -> int:
     """`python scripts/train.py --arch cnn`"""
-    args = train_parser().parse_args(argv)
-    config = config_lib.config_from_flags(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
-    _setup_logging(config.verbose)
+    config = _config(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
     if config.workers > 1:
-        return _launch_workers(argv, config)
+        return _launch_workers(args.argv, config)
 
+    _import_tensorflow()
     from mnist_keras import artifacts, train
 
     output_dir = None if config.dry_run else (config.output_dir or artifacts.default_run_dir(config.arch))
@@ -87,9 +186,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
         if not (os.environ.get("TF_CONFIG") and isinstance(error, tf.errors.OpError)):
             raise
-        print(f"{prog_name()}: error: {_worker_name()}: multi-worker training stopped: a worker stopped answering "
-              f"({type(error).__name__}: {_peer_failure_detail(error)}). Start every worker again to resume "
-              "from the last epoch's backup.", file=sys.stderr)
+        print(f"{prog_name('train')}: error: {_worker_name()}: multi-worker training stopped: a worker stopped "
+              f"answering ({type(error).__name__}: {_peer_failure_detail(error)}). Start every worker again to "
+              "resume from the last epoch's backup.", file=sys.stderr)
         return EXIT_FAILURE
     _dump_weights_for_tests(result.model)
     metrics = result.metrics
@@ -126,14 +225,14 @@ def _exit_stalled(timeout: float) -> None:
     """The training watchdog fired (the main thread is stuck in a collective): one line, then exit at once."""
     from mnist_keras import strategy, watchdog
 
-    print(f"{prog_name()}: error: {watchdog.stall_message(timeout, strategy.tf_config_task_index())}",
+    print(f"{prog_name('train')}: error: {watchdog.stall_message(timeout, strategy.tf_config_task_index())}",
           file=sys.stderr, flush=True)
     os._exit(watchdog.EXIT_STALLED)
 
 
 def export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="export.py",
+    parser = _parser(
+        "export",
         description="Export a trained model beside it (export/): a SavedModel and TFLite files "
                     "(fp32, dynamic, float16, int8), each loaded back and scored on the test set; "
                     "sizes and accuracies go to export/export.json.")
@@ -141,13 +240,12 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@_entry_point
-def export_main(argv: Optional[Sequence[str]] = None) -> int:
+@_entry_point("export", export_parser)
+def export_main(args: argparse.Namespace) -> int:
     """`python scripts/export.py --arch cnn`"""
-    args = export_parser().parse_args(argv)
-    config = config_lib.config_from_flags(config_lib.ExportConfig, args)
-    _setup_logging(config.verbose)
+    config = _config(config_lib.ExportConfig, args)
 
+    _import_tensorflow()
     from mnist_keras import artifacts, export
 
     model_path = config.model or artifacts.default_run_dir(config.arch) / artifacts.MODEL_FILE
@@ -186,8 +284,8 @@ Re-running the same command resumes an unfinished search."""
 
 
 def tune_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tune.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TUNE_SPACES_HELP,
+    parser = _parser(
+        "tune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TUNE_SPACES_HELP,
         description="Search layer sizes and the learning rate with keras-tuner; write saved_models/tune/<arch>/ "
                     "(tuner/, trials.json, best.json, and best/: the winner retrained like train.py).")
     config_lib.add_config_flags(parser, config_lib.TuneConfig)
@@ -210,21 +308,21 @@ def _trials_table(trials: Sequence[dict], top: int = 5) -> str:
                      for row in [header, *rows])
 
 
-@_entry_point
-def tune_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python scripts/tune.py --arch mlp --tuner random --max-trials 10 --epochs 3`"""
-    args = tune_parser().parse_args(argv)
-    config = config_lib.config_from_flags(config_lib.TuneConfig, args)
-    _setup_logging(config.verbose)
+@_entry_point("tune", tune_parser)
+def tune_main(args: argparse.Namespace) -> int:
+    """`python scripts/tune.py --arch cnn --tuner random --max-trials 10 --epochs 3`"""
+    config = _config(config_lib.TuneConfig, args)
 
+    errors.check_extra("keras_tuner", "tune", "tune.py")  # before the slow TensorFlow import
+    _import_tensorflow()
+    errors.import_extra("keras_tuner", "tune", "tune.py")
     from mnist_keras import artifacts, tune
 
     output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
     try:
         result = tune.run(config, output_dir=output_dir)
     except tune.SearchFailedError as error:
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras-tune"
-        print(f"{prog}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"{prog_name('tune')}: error: {_first_line(error)}", file=sys.stderr)
         return 1
     best, seed, retrained = result.best["best_trial"], result.seed_trial, result.best["retrained"]
     print(f"Top trials of {len(result.trials)} ({config.tuner} search of {config.arch}, "
@@ -246,8 +344,8 @@ def _default_model_path(model: Optional[str], models_dir: str, arch: str):
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py",
+    parser = _parser(
+        "evaluate",
         description="Evaluate a model on the MNIST test set: writes evaluation.json, confusion_matrix.png, "
                     "misclassified.png and training_curves.png into its run folder and prints a table. "
                     "--compare instead compares every run under saved_models/.")
@@ -255,13 +353,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@_entry_point
-def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
+@_entry_point("evaluate", evaluate_parser)
+def evaluate_main(args: argparse.Namespace) -> int:
     """`python scripts/evaluate.py --arch cnn`, `--model PATH`, or `--compare`"""
-    args = evaluate_parser().parse_args(argv)
-    config = config_lib.config_from_flags(config_lib.EvaluateConfig, args)
-    _setup_logging(config.verbose)
+    config = _config(config_lib.EvaluateConfig, args)
 
+    _import_tensorflow()
     from mnist_keras import evaluate
 
     if config.compare:
@@ -279,8 +376,8 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="predict.py",
+    parser = _parser(
+        "predict",
         description="Classify your own digit images (PNG/JPEG/BMP files or folders of them), preprocessed the way "
                     "MNIST was made. Exit status 1 if any file failed, 2 for bad flags or a missing model.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="Image files or folders of them.")
@@ -288,16 +385,15 @@ def predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@_entry_point
-def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+@_entry_point("predict", predict_parser)
+def predict_main(args: argparse.Namespace) -> int:
     """`python scripts/predict.py IMAGE... [--model PATH] [--top-k K] [--json]`"""
-    args = predict_parser().parse_args(argv)
     args.images = tuple(args.images)
-    config = config_lib.config_from_flags(config_lib.PredictConfig, args)
-    _setup_logging(config.verbose)
+    config = _config(config_lib.PredictConfig, args)
 
     import json
 
+    _import_tensorflow()
     from mnist_keras import artifacts, predict
 
     model = artifacts.load_model(_default_model_path(config.model, config.models_dir, config.arch))
@@ -306,20 +402,16 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps([prediction.to_dict() for prediction in predictions], indent=2))
     for prediction in predictions:
         if not prediction.ok:
-            print(f"{prog_name()}: error: {prediction.error}", file=sys.stderr)
+            print(f"{prog_name('predict')}: error: {prediction.error}", file=sys.stderr)
         elif not config.json:
             ranked = ", ".join(f"{digit} ({probability:.1%})" for digit, probability in prediction.top)
             print(f"{prediction.path}: {ranked}")
     return 1 if any(not prediction.ok for prediction in predictions) else 0
 
 
-def prog_name() -> str:
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras"
-
-
 def benchmark_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="benchmark.py",
+    parser = _parser(
+        "benchmark",
         description="Measure training throughput (the default path and a plain model.fit baseline), the CNN's "
                     "time to 99.0 percent test accuracy, and inference speed of every model format; print a "
                     "table and write benchmark.json.")
@@ -327,13 +419,12 @@ def benchmark_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@_entry_point
-def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
+@_entry_point("benchmark", benchmark_parser)
+def benchmark_main(args: argparse.Namespace) -> int:
     """`python scripts/benchmark.py --arch cnn`"""
-    args = benchmark_parser().parse_args(argv)
-    config = config_lib.config_from_flags(config_lib.BenchmarkConfig, args)
-    _setup_logging(config.verbose)
+    config = _config(config_lib.BenchmarkConfig, args)
 
+    _import_tensorflow()
     from mnist_keras import artifacts, benchmark
 
     output_dir = config.output_dir or artifacts.DEFAULT_ROOT / "benchmark"
@@ -351,7 +442,7 @@ def _soak(config, output_dir) -> int:
     try:
         report = soak.run(config, output_dir)
     except soak.SoakFailedError as error:
-        print(f"{prog_name()}: error: {error}", file=sys.stderr)
+        print(f"{prog_name('benchmark')}: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     print(soak.format_report(report))
     print(f"\nWrote {output_dir}/{soak.SOAK_DIR}/{soak.SOAK_FILE}")
@@ -359,8 +450,8 @@ def _soak(config, output_dir) -> int:
 
 
 def results_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="results.py",
+    parser = _parser(
+        "results",
         description="Train every architecture and recipe with several seeds (as train.py would, saving no models) "
                     "and report the test accuracy (mean, min, max, per seed), training time and this machine; "
                     "print the markdown table and write results.json and results.md.")
@@ -368,13 +459,12 @@ def results_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@_entry_point
-def results_main(argv: Optional[Sequence[str]] = None) -> int:
+@_entry_point("results", results_parser)
+def results_main(args: argparse.Namespace) -> int:
     """`python scripts/results.py --seeds 1-5`"""
-    args = results_parser().parse_args(argv)
-    config = config_lib.config_from_flags(config_lib.ResultsConfig, args)
-    _setup_logging(config.verbose)
+    config = _config(config_lib.ResultsConfig, args)
 
+    _import_tensorflow()
     from mnist_keras import artifacts, results
 
     output_dir = config.output_dir or artifacts.DEFAULT_ROOT / "results"
@@ -411,7 +501,9 @@ def _launch_workers(argv: Optional[Sequence[str]], config) -> int:
         program = [sys.executable, "-c", "import sys; from mnist_keras.cli import train_main; sys.exit(train_main())"]
     if argv is None:
         argv = sys.argv[1:]
-    command = [*program, *_without_workers_flag(argv or [])]
+    # `--workers 1` explicitly: a --config file naming several workers must not make each worker launch more.
+    command = [*program, *_without_workers_flag(argv or []), "--workers", "1"]
+    prog = prog_name("train")
     run_dir = None
     if not config.dry_run:
         # Refused here, before any worker starts; the workers' logs then go into the run folder.
@@ -419,14 +511,14 @@ def _launch_workers(argv: Optional[Sequence[str]], config) -> int:
                                             overwrite=config.overwrite)
     result = launch.launch_local(command, config.workers, run_dir=run_dir)
     if result.interrupted is not None:
-        print(f"{prog_name()}: {result.describe_failure()}", file=sys.stderr)
+        print(f"{prog}: {result.describe_failure()}", file=sys.stderr)
         return 128 + result.interrupted
     if not result.ok:
         failed = result.failed_worker
         if failed != 0 and result.tails[failed]:  # worker 0's output is already on the console
             print(f"Last lines of worker {failed}:", file=sys.stderr)
             print("\n".join(f"[worker {failed}] {line}" for line in result.tails[failed]), file=sys.stderr)
-        print(f"{prog_name()}: error: {result.describe_failure()}", file=sys.stderr)
+        print(f"{prog}: error: {result.describe_failure()}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 
@@ -458,31 +550,34 @@ def _test_callbacks() -> list:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="serve.py",
+    parser = _parser(
+        "serve",
         description="Serve a web page to draw a digit and see the model's answer, and a JSON endpoint "
                     "(POST /classify with an image). Listens on 127.0.0.1 unless --host says otherwise.")
     config_lib.add_config_flags(parser, config_lib.ServeConfig)
     return parser
 
 
-@_entry_point
-def serve_main(argv: Optional[Sequence[str]] = None) -> int:
+@_entry_point("serve", serve_parser)
+def serve_main(args: argparse.Namespace) -> int:
     """`python scripts/serve.py --arch cnn` or `--model PATH`. Ctrl-C exits 130, SIGTERM 143."""
-    args = serve_parser().parse_args(argv)
-    config = config_lib.config_from_flags(config_lib.ServeConfig, args)
-    _setup_logging(config.verbose)
+    config = _config(config_lib.ServeConfig, args)
 
+    errors.check_extra("gradio", "serve", "serve.py")
+    _import_tensorflow()
+    errors.import_extra("gradio", "serve", "serve.py")
     from mnist_keras import artifacts, serve
 
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mnist-keras-serve"
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         # The upload folder goes on every way out: a stop, a signal, or a failed start.
         with serve.upload_folder():
             model = artifacts.load_model(config.model or artifacts.default_run_dir(config.arch))
-            server = serve.start_server(serve.build_app(model, config), config.host, config.port,
-                                        log_level="info" if config.verbose >= 2 else "warning")
+            try:
+                server = serve.start_server(serve.build_app(model, config), config.host, config.port,
+                                            log_level="info" if config.verbose >= 2 else "warning")
+            except OSError as error:  # start_server's own one-line reasons: the port is taken, or it did not start
+                raise errors.UsageError(_first_line(error)) from None
             print(f"Serving {model.description} at {server.url}/  (JSON: POST {server.url}{serve.ENDPOINT}; "
                   f"Ctrl-C stops)", flush=True)
             try:
@@ -490,7 +585,7 @@ def serve_main(argv: Optional[Sequence[str]] = None) -> int:
             finally:
                 server.stop()
     except _Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
+        print(f"{prog_name('serve')}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Mapping, Optional
+
+from mnist_keras.errors import UsageError
 
 # The architecture names. `models.MODEL_BUILDERS` has exactly these keys (a
 # test checks it); they live here too so that flag parsing never imports Keras.
@@ -34,7 +37,7 @@ INT8_IO_TYPES = ("int8", "uint8")
 RECIPES = ("default", "fast", "best")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration value is invalid. The message names the flag."""
 
 
@@ -190,7 +193,7 @@ class TuneConfig:
     which are always the first trial.
     """
 
-    arch: str = option("mlp", "Model architecture to tune.", choices=ARCHITECTURES)
+    arch: str = option("cnn", "Model architecture to tune.", choices=ARCHITECTURES)
     tuner: str = option("random", "Search algorithm (hyperband: --epochs is the most any trial trains).",
                         choices=TUNERS)
     max_trials: int = option(10, "Most trials to run (hyperband may stop earlier).")
@@ -415,6 +418,8 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def check_range(name: str, value: Any, minimum=None, maximum=None, exclusive: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag_name(name)} must be a finite number. Received: {value!r}")
     if minimum is not None and (value < minimum or (exclusive and value == minimum)):
         bound = f"> {minimum}" if exclusive else f">= {minimum}"
         raise ConfigError(f"{flag_name(name)} must be {bound}. Received: {value!r}")
@@ -471,6 +476,17 @@ def _base_type(hint: Any) -> Any:
     return origin or hint
 
 
+def _parse_finite_float(text: str) -> float:
+    """A float flag's value: nan and inf are refused where the flag is read, with its name."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number. Received: {text!r}")
+    return value
+
+
 def _parse_tuple(text: str) -> tuple:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -488,8 +504,9 @@ def add_config_flags(
             continue
         base = _base_type(hints[field.name])
         help_text = field.metadata.get("help", "")
-        per_arch = {arch: values[field.name] for arch, values in (presets or {}).items() if field.name in values}
-        if per_arch:
+        # A flag that any preset sets shows every arch's default (the class default where a preset is silent).
+        per_arch = {arch: values.get(field.name, field.default) for arch, values in (presets or {}).items()}
+        if any(field.name in values for values in (presets or {}).values()):
             shown = ", ".join(f"{arch} {value}" for arch, value in per_arch.items())
             help_text += f" (default: {shown})"
         elif base is not bool and field.default not in (None, ()):
@@ -499,7 +516,7 @@ def add_config_flags(
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _parse_tuple if base is tuple else base
+            kwargs["type"] = {tuple: _parse_tuple, float: _parse_finite_float}.get(base, base)
             if field.metadata.get("choices"):
                 kwargs["choices"] = field.metadata["choices"]
             if field.metadata.get("metavar"):
@@ -511,14 +528,22 @@ def config_from_flags(
     config_cls: type,
     namespace: argparse.Namespace,
     presets: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    base: Optional[Mapping[str, Any]] = None,
     **overrides,
 ) -> Any:
-    """Resolve a config: class defaults < arch preset < flags given < overrides."""
-    given = {
+    """Resolve a config: class defaults < arch preset < `base` (a --config file) < flags given < overrides.
+
+    `base` holds the values of a saved config (`config_to_dict` output); as in
+    `config_from_dict`, sequences become tuples.
+    """
+    hints = typing.get_type_hints(config_cls)
+    given = {name: tuple(value) if _base_type(hints[name]) is tuple and value is not None else value
+             for name, value in (base or {}).items()}
+    given.update({
         field.name: getattr(namespace, field.name)
         for field in dataclasses.fields(config_cls)
         if getattr(namespace, field.name, None) is not None
-    }
+    })
     given.update(overrides)
     if presets is not None:
         arch = given.pop("arch", None) or config_cls.__dataclass_fields__["arch"].default

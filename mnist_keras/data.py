@@ -16,10 +16,14 @@ import gzip
 import logging
 import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from mnist_keras.errors import UsageError, import_extra
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ NPZ_FILE = "mnist.npz"
 IDX_UBYTE = 0x08
 
 
-class DataError(ValueError):
+class DataError(UsageError, ValueError):
     """MNIST could not be loaded or failed validation. The message names the file."""
 
 
@@ -110,13 +114,23 @@ def validate_images(images: np.ndarray, name: str) -> np.ndarray:
 
 
 def validate_labels(labels: np.ndarray, name: str, count: int, images_name: str) -> np.ndarray:
+    """Whole numbers 0-9 (of any integer or float dtype), one per image; returned as uint8."""
     if labels.ndim != 1:
         raise DataError(f"{name}: labels must have shape (N,). Received: {labels.shape}")
     if len(labels) != count:
         raise DataError(f"{name}: {len(labels)} labels but {images_name} has {count} images")
-    if len(labels) and labels.max() >= NUM_CLASSES:
-        bad = int(np.flatnonzero(labels >= NUM_CLASSES)[0])
-        raise DataError(f"{name}: label {int(labels[bad])} at index {bad} is outside 0-9")
+    if labels.dtype.kind not in "iuf":
+        raise DataError(f"{name}: labels must be whole numbers 0-9. Received: dtype {labels.dtype}")
+    if labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            fractional = ~np.isfinite(labels) | (labels != np.round(labels))
+        if fractional.any():
+            bad = int(np.flatnonzero(fractional)[0])
+            raise DataError(f"{name}: label {labels[bad].item()!r} at index {bad} is not a whole number 0-9")
+    outside = (labels < 0) | (labels >= NUM_CLASSES)
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
+        raise DataError(f"{name}: label {labels[bad].item()!r} at index {bad} is outside 0-9")
     return labels.astype(np.uint8, copy=False)
 
 
@@ -147,20 +161,30 @@ def load_npz(path: os.PathLike | str) -> tuple[np.ndarray, ...]:
     """(x_train, y_train, x_test, y_test) from a Keras-style mnist.npz."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in IDX_FILES if key not in archive.files]
-            if missing:
-                raise DataError(f"{path}: missing arrays {', '.join(missing)}")
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a readable .npz file ({_reason(error)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single array (.npy), not an .npz archive of "
+                        f"{', '.join(IDX_FILES)}")
+    with archive:
+        missing = [key for key in IDX_FILES if key not in archive.files]
+        if missing:
+            raise DataError(f"{path}: missing arrays {', '.join(missing)}")
+        try:
             arrays = {key: archive[key] for key in IDX_FILES}
-    except DataError:
-        raise
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error})") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise DataError(f"{path}: not a readable .npz file ({_reason(error)})") from None
     for split in ("train", "test"):
         validate_images(arrays[f"x_{split}"], f"{path}[x_{split}]")
         arrays[f"y_{split}"] = validate_labels(
             arrays[f"y_{split}"], f"{path}[y_{split}]", len(arrays[f"x_{split}"]), f"x_{split}")
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_local(data_dir: os.PathLike | str) -> tuple[np.ndarray, ...]:
@@ -191,7 +215,7 @@ def load_keras() -> tuple[np.ndarray, ...]:
 
 def load_tfds(data_dir: Optional[str] = None) -> tuple[np.ndarray, ...]:
     """MNIST through tensorflow-datasets (`data_dir` is TFDS's data_dir)."""
-    import tensorflow_datasets as tfds
+    tfds = import_extra("tensorflow_datasets", "tfds", "--data-source tfds")
 
     def to_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
         # Batches of 10,000 rather than batch_size=-1, which aborts the process on
@@ -227,8 +251,11 @@ def split_validation(
     validation_size: int = 5000, seed: int = 1, source: str = "arrays",
 ) -> MnistData:
     """Carve a seeded, random validation split from the training set."""
+    if not len(x_test):
+        raise DataError(f"{source}: the test split is empty (0 images)")
     if not 0 <= validation_size < len(x_train):
-        raise DataError(f"validation_size must be in [0, {len(x_train)}). Received: {validation_size}")
+        raise DataError(f"{source}: --validation-size must be in [0, {len(x_train)}), the training images. "
+                        f"Received: {validation_size}")
     order = np.random.default_rng(seed).permutation(len(x_train))
     val, train = np.sort(order[:validation_size]), np.sort(order[validation_size:])
     return MnistData(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, source)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -217,11 +218,11 @@ def find_run_dir(model_path: os.PathLike | str) -> Optional[Path]:
 
 
 def default_output_dir(model_path: os.PathLike | str) -> Path:
-    """A run folder or a .keras file: the folder holding it. A SavedModel or .tflite: evaluation-<name>/ beside it,
-    so that evaluating an export never replaces the Keras model's evaluation."""
+    """A run folder or a .keras file: evaluation/ in the folder holding it. A SavedModel or .tflite:
+    evaluation-<name>/ beside it, so that evaluating an export never replaces the Keras model's evaluation."""
     path, format = artifacts.detect_format(model_path)
     if format == "keras":
-        return path.parent
+        return path.parent / artifacts.EVALUATION_DIR
     return path.parent / f"evaluation-{path.name.replace('.', '_')}"
 
 
@@ -239,6 +240,19 @@ def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
         raise artifacts.OutputExistsError(f"{existing[0]}: exists; pass --overwrite to replace it")
 
 
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """An evaluation folder is replaced whole: refuse one that is not an evaluation, or without `overwrite`."""
+    artifacts.check_writable(output_dir.parent)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise artifacts.OutputExistsError(f"{output_dir}: exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not (output_dir / EVALUATION_FILE).is_file():
+            raise artifacts.OutputExistsError(f"{output_dir}: not empty and not an evaluation folder (no "
+                                              f"{EVALUATION_FILE}); choose another --output-dir")
+        if not overwrite:
+            raise artifacts.OutputExistsError(f"{output_dir}: holds an evaluation; pass --overwrite to replace it")
+
+
 def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.PathLike | str,
         data: Optional[data_lib.MnistData] = None) -> EvaluationResult:
     """Evaluate the model at `model_path` on the test set and write evaluation.json and the plots to `output_dir`.
@@ -246,24 +260,39 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
     training_curves.png needs the run's history.json; a model outside a run folder gets no curves.
     """
     output_dir = Path(output_dir)
-    _refuse_existing([output_dir / name for name in (EVALUATION_FILE, CONFUSION_PNG, MISCLASSIFIED_PNG, CURVES_PNG)],
-                     config.overwrite)
+    check_output_dir(output_dir, config.overwrite)
     model = artifacts.load_model(model_path)  # Before the data: a bad path costs nothing.
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0)
+    if not len(data.y_test):
+        raise data_lib.DataError(f"{data.source}: the test split is empty; nothing to evaluate")
     result = evaluate_model(model, data.x_test, data.y_test, config.batch_size)
-    summary = result.summary
     name = f"{Path(model.path).parent.name}/{Path(model.path).name}"
-    logger.info("%s: accuracy %.4f, loss %.4f", name, summary["accuracy"], summary["loss"])
+    logger.info("%s: accuracy %.4f, loss %.4f", name, result.summary["accuracy"], result.summary["loss"])
+    # Built under a temporary name and renamed into place whole: a killed evaluation leaves the
+    # previous one as it was, never one model's plots beside another's evaluation.json.
+    staging = artifacts.staging_folder(output_dir)
+    try:
+        payload, names = _write_evaluation(staging, config, model, data, result, name)
+        check_output_dir(output_dir, config.overwrite)
+        artifacts.publish_folder(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = tuple(output_dir / file_name for file_name in names)
+    return dataclasses.replace(result, summary=payload, output_dir=output_dir, files=files)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+def _write_evaluation(folder: Path, config: EvaluateConfig, model: artifacts.LoadedModel,
+                      data: data_lib.MnistData, result: EvaluationResult, name: str) -> tuple[dict, list[str]]:
+    """The plots, then evaluation.json, into `folder`; returns (evaluation.json's payload, file names)."""
+    summary = result.summary
     worst = worst_mistakes(result.probabilities, data.y_test, config.misclassified)
     files = [
-        plot_confusion_matrix(summary["confusion_matrix"], output_dir / CONFUSION_PNG,
+        plot_confusion_matrix(summary["confusion_matrix"], folder / CONFUSION_PNG,
                               f"Confusion matrix: {name} ({model.format})\n"
                               f"test accuracy {summary['accuracy']:.2%} on {summary['examples']:,} images"),
         plot_misclassified(data.x_test, data.y_test, result.probabilities,
-                           worst, output_dir / MISCLASSIFIED_PNG,
+                           worst, folder / MISCLASSIFIED_PNG,
                            f"{name}: the {len(worst)} most confident mistakes "
                            f"(of {len(summary['misclassified'])})"),
     ]
@@ -271,7 +300,7 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
     history_path = run_dir / artifacts.HISTORY_FILE if run_dir else None
     if history_path is not None and history_path.is_file():
         history = artifacts.read_json(history_path)
-        files.append(plot_training_curves(history, output_dir / CURVES_PNG, f"Training curves: {run_dir.name}"))
+        files.append(plot_training_curves(history, folder / CURVES_PNG, f"Training curves: {run_dir.name}"))
     else:
         logger.warning("%s: no history.json in its run folder; skipping %s", model.path, CURVES_PNG)
 
@@ -288,8 +317,8 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
         "misclassified": summary["misclassified"],
         "config": config_to_dict(config),
     }
-    files.append(artifacts.write_json(output_dir / EVALUATION_FILE, payload))  # Last: marks a finished evaluation.
-    return dataclasses.replace(result, summary=payload, output_dir=output_dir, files=tuple(files))
+    files.append(artifacts.write_json(folder / EVALUATION_FILE, payload))  # Last: marks a finished evaluation.
+    return payload, [path.name for path in files]
 
 
 def format_table(summary: dict) -> str:
@@ -344,31 +373,45 @@ def _int8_tflite_size(run_dir: Path) -> Optional[int]:
     return None
 
 
+# What the comparison reads from each run's metrics.json, and the type it must have.
+_METRICS_COMPARED = {"test_accuracy": float, "test_loss": float, "parameters": int, "epochs": int,
+                     "train_seconds": float}
+
+
+def _read_metrics(path: Path) -> dict:
+    """A run's metrics.json, with every number the comparison needs (one-line error naming the file)."""
+    metrics = artifacts.read_json(path)
+    if not isinstance(metrics, dict):
+        raise artifacts.InputFileError(f"{path}: expected a JSON object of a run's metrics")
+    for key in _METRICS_COMPARED:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise artifacts.InputFileError(f"{path}: {key} must be a finite number. Received: {value!r}")
+    return metrics
+
+
 def collect_runs(models_dir: os.PathLike | str) -> list[dict]:
     """One row per finished run (a folder with metrics.json) directly under `models_dir`, known archs first."""
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
-        raise FileNotFoundError(f"{models_dir}: no such folder (train a model first: scripts/train.py --arch cnn)")
+        raise artifacts.MissingInputError(f"{models_dir}: no such folder (train a model first: scripts/train.py "
+                                          "--arch cnn)")
     rows = []
     for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         if not artifacts.is_finished_run(folder):
             continue
-        metrics = artifacts.read_json(folder / artifacts.METRICS_FILE)
+        metrics = _read_metrics(folder / artifacts.METRICS_FILE)
         arch = metrics.get("arch", folder.name)
         rows.append({
             "run": folder.name,
             "arch": arch,
-            "test_accuracy": float(metrics["test_accuracy"]),
-            "test_loss": float(metrics["test_loss"]),
-            "parameters": int(metrics["parameters"]),
-            "epochs": int(metrics["epochs"]),
-            "train_seconds": float(metrics["train_seconds"]),
+            **{key: kind(metrics[key]) for key, kind in _METRICS_COMPARED.items()},
             "int8_tflite_bytes": _int8_tflite_size(folder),
             "published_accuracy": PUBLISHED.get(arch, {}).get("accuracy"),
             "published_loss": PUBLISHED.get(arch, {}).get("loss"),
         })
     if not rows:
-        raise ValueError(f"{models_dir}: no finished runs (no */{artifacts.METRICS_FILE}); "
+        raise artifacts.InputFileError(f"{models_dir}: no finished runs (no */{artifacts.METRICS_FILE}); "
                          f"train one first: scripts/train.py --arch cnn")
     order = {arch: index for index, arch in enumerate(ARCHITECTURES)}
     rows.sort(key=lambda row: (order.get(row["arch"], len(order)), row["run"]))

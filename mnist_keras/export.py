@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,13 +33,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts
+from mnist_keras import artifacts, console
 from mnist_keras import data as data_lib
 from mnist_keras.config import ExportConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
 
-EXPORT_DIR = "export"  # Default export folder, beside the model.
+EXPORT_DIR = artifacts.EXPORT_DIR  # Default export folder, beside the model.
 EXPORT_FILE = "export.json"  # Written last into the staging folder: it marks a complete export.
 EXPORT_CONFIG_FILE = "export_config.json"
 SAVED_MODEL_DIR = "saved_model"
@@ -132,7 +131,9 @@ def convert_tflite(float_saved_model: Path, variant: str, calibration_images: Op
         converter.inference_output_type = io_type
     elif variant not in ("fp32", "dynamic"):
         raise ValueError(f"unknown TFLite variant. Received: {variant!r}")
-    return _short_tensor_names(converter.convert())
+    with console.native_stderr_captured():  # The converter prints its settings and MLIR passes to fd 2.
+        converted = converter.convert()
+    return _short_tensor_names(converted)
 
 
 def _short_tensor_names(tflite_model: bytes) -> bytes:
@@ -197,12 +198,13 @@ def load_keras_model(model_path: os.PathLike | str) -> artifacts.LoadedModel:
     """The .keras model at `model_path` (a file or a run folder); one-line errors otherwise."""
     loaded = artifacts.load_model(model_path)
     if loaded.format != "keras":
-        raise ValueError(f"{model_path}: export needs a .keras model. Received: a {loaded.format} model")
+        raise artifacts.InputFileError(f"{model_path}: export needs a .keras model. Received: a {loaded.format} model")
     return loaded
 
 
 def check_export_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse an existing export unless `overwrite`, and never replace a folder that is not an export."""
+    artifacts.check_writable(output_dir.parent)
     if output_dir.exists() and not output_dir.is_dir():
         raise ExportExistsError(f"{output_dir}: exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()):
@@ -215,18 +217,7 @@ def check_export_dir(output_dir: Path, overwrite: bool) -> None:
 def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
     """Rename the finished staging folder into place (replacing an old export only if `overwrite`)."""
     check_export_dir(output_dir, overwrite)
-    if output_dir.exists():
-        retired = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old."))
-        os.replace(output_dir, retired / output_dir.name)
-        try:
-            os.replace(staging, output_dir)
-        except OSError:
-            os.replace(retired / output_dir.name, output_dir)  # Put the old export back.
-            raise
-        finally:
-            shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, output_dir)
+    artifacts.publish_folder(staging, output_dir)
 
 
 def export_model(
@@ -252,13 +243,8 @@ def export_model(
     calibration = data.x_train[np.sort(rng.choice(len(data.x_train), min(config.calibration_size,
                                                                           len(data.x_train)), replace=False))]
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp."))
+    staging = artifacts.staging_folder(output_dir)
     try:
-        # mkdtemp makes the folder private (0700); the export is published like any folder.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
         keras_record, reference = score(source, data.x_test, data.y_test)
         keras_record = {"path": str(source.path), "bytes": _size_in_bytes(source.path), **keras_record}
         logger.info("Keras model %s: test accuracy %.4f", source.path, keras_record["accuracy"])

@@ -13,20 +13,24 @@
 - running sums of (loss, correct, count) reduced across replicas and workers
   with `strategy.reduce`, so every worker reports the same numbers.
 
-Everything else is Keras: the model, its optimizer, the loss, `Progbar`.
+Everything else is Keras: the model, its optimizer, the loss, `Progbar`, and
+`keras.callbacks` (through `keras.callbacks.CallbackList`, with Keras' logs and
+`model.stop_training`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional, Sequence
+import sys
+from typing import Callable, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from mnist_keras import data as data_lib
+from mnist_keras.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,34 @@ logger = logging.getLogger(__name__)
 # val_loss and val_accuracy (the last two when there is validation data).
 # A callback that returns True stops training after that epoch.
 EpochCallback = Callable[[int, dict], Optional[bool]]
+# `fit` takes Keras callbacks and such plain functions, in any mix.
+Callback = Union[keras.callbacks.Callback, EpochCallback]
+
+
+class EpochFunction(keras.callbacks.Callback):
+    """A plain `callable(epoch, logs)` as a Keras callback; returning True sets `model.stop_training`."""
+
+    def __init__(self, function: EpochCallback) -> None:
+        super().__init__()
+        self.function = function
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        if self.function(epoch, logs if logs is not None else {}):
+            self.model.stop_training = True
+
+
+def callback_list(callbacks: Sequence[Callback], model: keras.Model, **params) -> keras.callbacks.CallbackList:
+    """Keras callbacks as they are, plain functions wrapped, all bound to `model` as `model.fit` does."""
+    wrapped = [c if isinstance(c, keras.callbacks.Callback) else EpochFunction(c) for c in callbacks]
+    return keras.callbacks.CallbackList(wrapped, model=model, **params)
+
+
+def progress_bar_verbosity(verbose: int) -> int:
+    """Keras' Progbar redraws its line with \\r and ANSI colours: on a terminal only. Elsewhere (a pipe,
+    a log file) mode 2 writes one plain line per epoch."""
+    if verbose and not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):
+        return 2
+    return verbose
 
 
 def make_learning_rate(
@@ -72,7 +104,7 @@ class TrainingLoop:
         evaluation steps, or an epoch's callbacks (the backup), has finished."""
         replicas = strategy.num_replicas_in_sync
         if global_batch_size % replicas:
-            raise ValueError(f"--batch-size must be a multiple of the {replicas} replicas. "
+            raise ConfigError(f"--batch-size must be a multiple of the {replicas} replicas. "
                              f"Received: {global_batch_size}")
         if model.optimizer is None:
             raise ValueError("The model must be compiled (inside strategy.scope()) before training.")
@@ -149,17 +181,24 @@ class TrainingLoop:
         return totals
 
     def _run_chunks(self, step_fn, iterator, steps: int, progbar: Optional[keras.utils.Progbar] = None,
-                    prefix: str = "") -> dict:
+                    prefix: str = "", callbacks: Optional[keras.callbacks.CallbackList] = None) -> dict:
         totals = np.zeros(3)
         done = 0
         while done < steps:
             count = min(self.steps_per_execution, steps - done)
+            if callbacks is not None:  # Batch hooks once per call, as Keras does with steps_per_execution.
+                callbacks.on_train_batch_begin(done)
             totals += step_fn(iterator, tf.constant(count, tf.int32)).numpy()
             done += count
+            running = {prefix + "loss": float(totals[0] / totals[2]),
+                       prefix + "accuracy": float(totals[1] / totals[2])}
             self.heartbeat()
-            if progbar is not None:
-                progbar.update(done, values=[(prefix + "loss", totals[0] / totals[2]),
-                                             (prefix + "accuracy", totals[1] / totals[2])])
+            if callbacks is not None:
+                callbacks.on_train_batch_end(done - 1, running)
+                if self.model.stop_training:  # e.g. TerminateOnNaN: end the epoch here, as model.fit does
+                    break
+            if progbar is not None:  # fit finalizes the bar once, with the validation figures
+                progbar.update(done, values=list(running.items()), finalize=False)
         return {prefix + "loss": float(totals[0] / totals[2]), prefix + "accuracy": float(totals[1] / totals[2])}
 
     # -- public API -------------------------------------------------------------
@@ -172,14 +211,18 @@ class TrainingLoop:
         seed: int = 1,
         validation_data: Optional[tuple[np.ndarray, np.ndarray]] = None,
         initial_epoch: int = 0,
-        callbacks: Sequence[EpochCallback] = (),
+        callbacks: Sequence[Callback] = (),
         verbose: int = 1,
         augmentation: data_lib.Augmentation = data_lib.NO_AUGMENTATION,
     ) -> dict[str, list[float]]:
         """Train epochs [initial_epoch, epochs); returns the history of those epochs.
 
-        Stops early when a callback returns True. `augmentation`: random changes
-        to the training images (see `data.Augmentation`).
+        `callbacks`: `keras.callbacks.Callback`s (EarlyStopping, CSVLogger,
+        TerminateOnNaN, ...) and plain `callable(epoch, logs)` functions, called
+        in order. Training stops after an epoch when one sets
+        `model.stop_training` (a function: returns True). Batch hooks run once
+        per `steps_per_execution` steps. `augmentation`:
+        random changes to the training images (see `data.Augmentation`).
         """
         steps = data_lib.steps_per_epoch(len(x_train), self.global_batch_size)
         history: dict[str, list[float]] = {}
@@ -189,23 +232,27 @@ class TrainingLoop:
             x_train, y_train, self.global_batch_size, seed, epochs, initial_epoch, augmentation))
         iterator = iter(dataset)
         stateful = ["loss", "accuracy", "val_loss", "val_accuracy"]
+        hooks = callback_list(callbacks, self.model, epochs=epochs, steps=steps, verbose=verbose)
+        self.model.stop_training = False
+        hooks.on_train_begin()
+        logs: dict = {}
         for epoch in range(initial_epoch, epochs):
             if verbose:
                 print(f"Epoch {epoch + 1}/{epochs}", flush=True)
-            progbar = keras.utils.Progbar(steps, verbose=verbose, stateful_metrics=stateful)
-            logs = self._run_chunks(self._train_steps, iterator, steps, progbar)
+            hooks.on_epoch_begin(epoch)
+            progbar = keras.utils.Progbar(steps, verbose=progress_bar_verbosity(verbose), stateful_metrics=stateful)
+            logs = self._run_chunks(self._train_steps, iterator, steps, progbar, callbacks=hooks)
             if validation_data is not None:
                 logs.update(self.evaluate(*validation_data, prefix="val_"))
             progbar.update(steps, values=list(logs.items()), finalize=True)
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
-            stop = False
-            for callback in callbacks:
-                stop = bool(callback(epoch, logs)) or stop
-                self.heartbeat()
-            if stop:
+            hooks.on_epoch_end(epoch, logs)
+            self.heartbeat()  # the epoch's callbacks (the backup) need the other workers too
+            if self.model.stop_training:
                 logger.info("Stopping after epoch %d: a callback asked to", epoch + 1)
                 break
+        hooks.on_train_end(logs)
         return history
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict[str, float]:

@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
+from mnist_keras.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
@@ -38,7 +40,7 @@ def tf_config_worker_count() -> int:
     try:
         cluster = json.loads(raw).get("cluster", {})
     except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"TF_CONFIG is not a JSON object. Received: {raw[:80]!r}") from None
+        raise ConfigError(f"TF_CONFIG is not a JSON object. Received: {raw[:80]!r}") from None
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
@@ -68,7 +70,7 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
     """
     devices = list(devices)
     if name not in STRATEGY_NAMES:
-        raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}. Received: {name!r}")
+        raise ConfigError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}. Received: {name!r}")
     if name == "auto":
         if tf_config_worker_count() > 1:
             name = "multi_worker"
@@ -80,7 +82,7 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
             name = "default"
     if name == "multi_worker":
         if devices:
-            raise ValueError("--devices cannot be combined with --strategy multi_worker "
+            raise ConfigError("--devices cannot be combined with --strategy multi_worker "
                              "(each worker uses its local GPUs, or its CPU)")
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=collective_timeout if collective_timeout > 0 else None)
@@ -91,12 +93,12 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
     elif name == "one_device":
         _check_devices(devices)
         if len(devices) > 1:
-            raise ValueError(f"--strategy one_device takes one device. Received: --devices {','.join(devices)}")
+            raise ConfigError(f"--strategy one_device takes one device. Received: --devices {','.join(devices)}")
         gpus = tf.config.list_logical_devices("GPU")
         strategy = tf.distribute.OneDeviceStrategy(devices[0] if devices else ("/gpu:0" if gpus else "/cpu:0"))
     else:
         if devices:
-            raise ValueError("--devices needs --strategy one_device or mirrored")
+            raise ConfigError("--devices needs --strategy one_device or mirrored")
         strategy = tf.distribute.get_strategy()
     logger.info("Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
     return strategy
@@ -112,7 +114,7 @@ def _check_devices(devices: Sequence[str]) -> None:
     for device in devices:
         if key(device) not in known:
             names = ", ".join(sorted(d.name for d in visible)) or "none"
-            raise ValueError(f"--devices: {device} is not a visible device (visible: {names})")
+            raise ConfigError(f"--devices: {device} is not a visible device (visible: {names})")
 
 
 def strategy_name(strategy: tf.distribute.Strategy) -> str:

@@ -86,7 +86,7 @@ def run(
     strategy: Optional[tf.distribute.Strategy] = None,
     output_dir: Optional[Path | str] = None,
     hyperparameters: Optional[Mapping[str, Any]] = None,
-    callbacks: Sequence[loop_lib.EpochCallback] = (),
+    callbacks: Sequence[loop_lib.Callback] = (),
     on_stall: Callable[[float], None] = watchdog_lib.exit_stalled,
 ) -> TrainResult:
     """Train `config.arch`, evaluate on the test set, and write the run folder (if `output_dir`).
@@ -99,8 +99,14 @@ def run(
     into `<output_dir>/backup`; a run started again on a folder holding a backup
     resumes at its first unfinished epoch. Under multi-worker training only the
     chief writes the run's results; the other workers write only their backup
-    copy (deleted at the end) and their resource log. `callbacks` run after
-    each epoch, after the backup.
+    copy (deleted at the end) and their resource log.
+
+    `callbacks`: `keras.callbacks.Callback`s (EarlyStopping, CSVLogger, ...) or
+    `callable(epoch, logs)` functions, run after the backup and TensorBoard
+    callbacks, with Keras' logs (loss, accuracy, val_loss, val_accuracy) and
+    `model.stop_training` semantics. Under multi-worker training they run on
+    every worker, which all see the same logs (so all stop at the same epoch);
+    give each worker its own file paths (e.g. a CSVLogger's).
 
     Under multi-worker training a watchdog (`config.stall_timeout`) calls
     `on_stall(timeout)` from its thread when no step has finished for that
@@ -110,22 +116,24 @@ def run(
     """
     hyperparameters = dict(hyperparameters or {})
     started = time.perf_counter()
+    if output_dir is not None and not config.dry_run:
+        artifacts.check_run_dir(output_dir, overwrite=config.overwrite)  # Errors first, before any start-up line.
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
     chief = strategy_lib.is_chief(strategy)
     worker = strategy_lib.worker_index(strategy)
-    run_dir = None
-    if output_dir is not None and not config.dry_run and chief:
-        # Refuse before any expensive work, so a mistake costs nothing.
-        run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite)
 
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, config.validation_size, config.seed)
     if config.dry_run:
         data = _dry_run_subset(data, config.batch_size)
         config = dataclasses.replace(config, epochs=1)
-    logger.info(data.summary())
+    logger.debug(data.summary())
+    run_dir = None
+    if output_dir is not None and not config.dry_run and chief:
+        # Created (and marked as a run folder) once the data is known good: bad data leaves nothing behind.
+        run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite)
 
     keras.utils.set_random_seed(config.seed)
     model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
@@ -147,7 +155,7 @@ def run(
             Path(output_dir) / artifacts.LOGS_DIR / resources_lib.resources_file(worker),
             data_lib.steps_per_epoch(len(data.x_train), config.batch_size)))
     if run_dir is not None:
-        epoch_callbacks.append(tensorboard_callback(run_dir / artifacts.LOGS_DIR))
+        epoch_callbacks.append(EpochScalars(run_dir / artifacts.LOGS_DIR))
     epoch_callbacks.extend(callbacks)
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     train_started = time.perf_counter()
@@ -232,15 +240,23 @@ def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: d
     logger.info("Wrote %s", run_dir)
 
 
-def tensorboard_callback(log_dir: Path) -> loop_lib.EpochCallback:
-    """Epoch scalars for TensorBoard (`tensorboard --logdir saved_models`)."""
-    writer = tf.summary.create_file_writer(str(log_dir))
+class EpochScalars(keras.callbacks.Callback):
+    """Epoch scalars for TensorBoard (`tensorboard --logdir saved_models`): train/<metric>, validation/<metric>.
 
-    def write(epoch: int, logs: dict) -> None:
-        with writer.as_default(step=epoch + 1):
-            for name, value in logs.items():
+    Not keras.callbacks.TensorBoard, which follows model.fit's own counters and writes graphs and
+    per-batch summaries this loop does not have.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(log_dir))
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        with self.writer.as_default(step=epoch + 1):
+            for name, value in (logs or {}).items():
                 split = "validation" if name.startswith("val_") else "train"
                 tf.summary.scalar(f"{split}/{name.removeprefix('val_')}", value)
-        writer.flush()
+        self.writer.flush()
 
-    return write
+    def on_train_end(self, logs: Optional[dict] = None) -> None:
+        self.writer.close()

@@ -61,6 +61,7 @@ def test_bad_idx_file_is_one_line(tmp_path, override, fragments):
 def test_existing_output_refused_by_cli(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".mnist_keras_run").write_text("")  # a finished run of this package's
     (out / "metrics.json").write_text('{"test_accuracy": 0.99}')
     make_folder(tmp_path / "data", train=40)
     result = run_script("scripts/train.py", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
@@ -69,11 +70,88 @@ def test_existing_output_refused_by_cli(tmp_path):
     assert (out / "metrics.json").read_text() == '{"test_accuracy": 0.99}'
 
 
-def test_dry_run_from_the_command_line(tmp_path):
+NOISE = ("I0000", "W0000", "E0000", "WARNING: All log messages", "INFO absl", "INFO tensorflow")
+
+
+def test_dry_run_from_the_command_line_is_quiet(tmp_path):
+    """TensorFlow's start-up lines hidden (whatever TF_CPP_MIN_LOG_LEVEL says), and in a pipe the
+    progress bar is one plain line per epoch."""
     make_folder(tmp_path / "data", train=80)
     result = run_script("scripts/train.py", "--arch", "mlp_small", "--dry-run", "--batch-size", "16",
-                        "--validation-size", "16", "--data-dir", str(tmp_path / "data"), "--verbose", "0",
-                        cwd=tmp_path)
+                        "--validation-size", "16", "--data-dir", str(tmp_path / "data"),
+                        cwd=tmp_path, env_extra={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
     assert not (tmp_path / "saved_models").exists()
+    for line in (result.stdout + result.stderr).splitlines():
+        assert not line.lstrip().startswith(NOISE) and " INFO absl" not in line and " INFO tensorflow" not in line, line
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout and "\b" not in result.stdout
+    assert [line.split(" - ")[0] for line in result.stdout.splitlines() if " - loss:" in line] == ["2/2"]
+
+
+# -- flags every command has -------------------------------------------------------------------------
+
+from mnist_keras import __version__, cli  # noqa: E402
+from mnist_keras import config as config_lib  # noqa: E402
+
+COMMANDS = ("train", "export", "tune", "evaluate", "predict", "benchmark", "serve")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_version_and_usage_name_on_every_command(command, capsys, monkeypatch):
+    main = getattr(cli, f"{command}_main")
+    monkeypatch.setattr(sys, "argv", [f"/usr/local/bin/mnist-keras-{command}"])
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mnist-keras-{command} (mnist_keras) {__version__}"
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: mnist-keras-{command} ")
+    monkeypatch.setattr(sys, "argv", [f"scripts/{command}.py"])
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: {command}.py ")
+
+
+def test_help_shows_every_arch_default_of_a_preset_flag():
+    text = " ".join(cli.train_parser().format_help().split())
+    for arch, preset in config_lib.TRAIN_PRESETS.items():
+        warmup = preset.get("warmup_epochs", config_lib.TrainConfig.warmup_epochs)
+        assert f"{arch} {warmup}" in text.split("WARMUP_EPOCHS Epochs", 1)[1].split("--", 1)[0]
+
+
+def test_cnn_is_the_default_arch_everywhere():
+    for config_cls in (config_lib.TrainConfig, config_lib.TuneConfig, config_lib.ExportConfig,
+                       config_lib.EvaluateConfig, config_lib.PredictConfig, config_lib.ServeConfig):
+        assert config_cls().arch == "cnn", config_cls
+
+
+def test_config_file_fills_in_and_explicit_flags_win(tmp_path):
+    saved = config_lib.preset_config(config_lib.TrainConfig, config_lib.TRAIN_PRESETS, "mlp_small", epochs=3,
+                                     seed=7, overwrite=True, output_dir="somewhere")
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps({**config_lib.config_to_dict(saved), "hyperparameters": {}}))
+    args = cli.train_parser().parse_args(["--config", str(path), "--seed", "9", "--output-dir", "X"])
+    config = cli._config(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
+    assert config == __import__("dataclasses").replace(saved, seed=9, output_dir="X", overwrite=False)
+
+
+def test_config_file_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert cli.train_main(["--config", str(tmp_path / "list.json")]) == 2
+    assert cli.train_main(["--config", str(tmp_path / "missing.json")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "expected a JSON object" in lines[0] and "missing.json: no such file" in lines[1]
+
+
+def test_tfds_and_gpu_are_extras_not_requirements(monkeypatch):
+    import runpy
+
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.chdir(REPO_ROOT)
+    runpy.run_path(str(REPO_ROOT / "setup.py"))
+    assert not [r for r in captured["install_requires"] if r.startswith("tensorflow-datasets")]
+    extras = captured["extras_require"]
+    assert extras["tfds"] == ["tensorflow-datasets>=4.9"] and "tensorflow-datasets>=4.9" in extras["dev"]
+    assert extras["gpu"][0].startswith("tensorflow[and-cuda]")
+    assert not [r for r in extras["dev"] if "and-cuda" in r]

@@ -67,17 +67,25 @@ def test_evaluate_writes_json_and_three_readable_plots(tiny_run, tiny_mnist, tmp
     for name in (evaluate.CONFUSION_PNG, evaluate.MISCLASSIFIED_PNG, evaluate.CURVES_PNG):
         with Image.open(output / name) as image:
             assert image.format == "PNG" and image.width >= 500 and image.height >= 300
-    assert not list(output.glob(".*"))  # no temporary files left behind
+    assert not list(output.glob(".*")) and not list(output.parent.glob(".*"))  # no temporary files left behind
 
 
 def test_evaluate_refuses_to_overwrite(tiny_run, tiny_mnist, tmp_path):
     config = config_lib.EvaluateConfig(misclassified=2)  # few images: the plot is the slow part
-    evaluate.run(config, tiny_run / artifacts.MODEL_FILE, tmp_path, data=tiny_mnist)
-    before = (tmp_path / evaluate.EVALUATION_FILE).read_bytes()
-    with pytest.raises(artifacts.OutputExistsError, match="evaluation.json: exists; pass --overwrite"):
-        evaluate.run(config, tiny_run, tmp_path, data=tiny_mnist)
-    assert (tmp_path / evaluate.EVALUATION_FILE).read_bytes() == before
-    evaluate.run(config_lib.EvaluateConfig(misclassified=2, overwrite=True), tiny_run, tmp_path, data=tiny_mnist)
+    output = tmp_path / "evaluation"
+    evaluate.run(config, tiny_run / artifacts.MODEL_FILE, output, data=tiny_mnist)
+    before = (output / evaluate.EVALUATION_FILE).read_bytes()
+    with pytest.raises(artifacts.OutputExistsError, match="holds an evaluation; pass --overwrite"):
+        evaluate.run(config, tiny_run, output, data=tiny_mnist)
+    assert (output / evaluate.EVALUATION_FILE).read_bytes() == before
+    evaluate.run(config_lib.EvaluateConfig(misclassified=2, overwrite=True), tiny_run, output, data=tiny_mnist)
+
+
+def test_evaluate_refuses_a_folder_that_is_not_an_evaluation(tiny_run, tiny_mnist, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(artifacts.OutputExistsError, match="not an evaluation folder"):
+        evaluate.run(config_lib.EvaluateConfig(overwrite=True), tiny_run, tmp_path, data=tiny_mnist)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_evaluate_saved_model_matches_keras_and_goes_beside_it(tiny_run, tiny_mnist, tmp_path):
@@ -94,8 +102,8 @@ def test_evaluate_saved_model_matches_keras_and_goes_beside_it(tiny_run, tiny_mn
 
 
 def test_default_output_dir(tiny_run, tmp_path):
-    assert evaluate.default_output_dir(tiny_run) == tiny_run
-    assert evaluate.default_output_dir(tiny_run / artifacts.MODEL_FILE) == tiny_run
+    assert evaluate.default_output_dir(tiny_run) == tiny_run / artifacts.EVALUATION_DIR
+    assert evaluate.default_output_dir(tiny_run / artifacts.MODEL_FILE) == tiny_run / artifacts.EVALUATION_DIR
     tflite = tmp_path / "model_int8.tflite"
     tflite.write_bytes(b"x")
     assert evaluate.default_output_dir(tflite) == tmp_path / "evaluation-model_int8_tflite"

@@ -127,7 +127,7 @@ def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path
     assert [line for line in lines if "Saved to" in line] == [f"[worker 0] Saved to {run_dir}"]
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         [artifacts.MODEL_FILE, artifacts.CONFIG_FILE, artifacts.HISTORY_FILE, artifacts.METRICS_FILE,
-         artifacts.LOGS_DIR])
+         artifacts.LOGS_DIR, artifacts.RUN_MARKER])
 
 
 def test_bad_workers_and_timeout_values_name_the_flag():

@@ -1,0 +1,54 @@
+"""The errors the package recognises as the user's to fix, and the optional extras it can ask for.
+
+A `UsageError` means "your input is wrong, here is the one line that says
+how": the command line prints its message and exits with status 2. Anything
+else that escapes a job is unexpected (a bug, or a failure deep inside a
+library) and exits with status 1, its traceback kept (see `cli`).
+
+Ground floor: imports nothing of the package, nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+
+class UsageError(Exception):
+    """Input the package recognises as wrong (a flag, a data file, an output folder, a missing extra)."""
+
+
+class MissingExtraError(UsageError, ImportError):
+    """An optional dependency of one feature is not installed."""
+
+
+def install_hint(extra: str) -> str:
+    return f"install it with pip install -e .[{extra}]"
+
+
+def check_extra(module: str, extra: str, feature: str) -> None:
+    """Fail fast, without importing it, when `module` is not installed at all.
+
+    A module set to None in sys.modules (how tests simulate an uninstalled
+    package) counts as missing, as it does for `import`.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise MissingExtraError(f"{feature} needs {module}, which is not installed; {install_hint(extra)}")
+
+
+def import_extra(module: str, extra: str, feature: str) -> ModuleType:
+    """`import module`, or a MissingExtraError naming the extra that provides it."""
+    check_extra(module, extra, feature)
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        # `name` is the module that could not be found: one of the extra's own dependencies
+        # (keras-tuner needs tensorboard); either way the extra is incomplete.
+        missing = (getattr(error, "name", None) or module).split(".")[0]
+        raise MissingExtraError(f"{feature} needs {missing}, which is not installed; "
+                                f"{install_hint(extra)}") from None
