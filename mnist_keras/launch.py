@@ -37,6 +37,7 @@ class LaunchResult:
 
     returncodes: tuple[int, ...]
     failed_worker: Optional[int] = None
+    names: Optional[tuple[str, ...]] = None  # The workers' labels, when the caller gave them.
 
     @property
     def ok(self) -> bool:
@@ -53,7 +54,8 @@ class LaunchResult:
                 how = f"killed by {signal.Signals(-code).name}"
             except ValueError:
                 how = f"killed by signal {-code}"
-        return f"worker {self.failed_worker} failed ({how}); stopped the other workers"
+        name = self.names[self.failed_worker] if self.names else f"worker {self.failed_worker}"
+        return f"{name} failed ({how}); stopped the other workers"
 
 
 def free_loopback_ports(count: int) -> list[int]:
@@ -104,6 +106,8 @@ def launch_local(
     workers: int,
     env: Optional[Mapping[str, str]] = None,
     output: Optional[TextIO] = None,
+    worker_envs: Optional[Sequence[Mapping[str, str]]] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> LaunchResult:
     """Run `command` as `workers` processes forming one cluster on loopback; wait for all of them.
 
@@ -111,6 +115,10 @@ def launch_local(
     its TF_CONFIG. Output goes to `output` (default: stdout) with a `[worker i]`
     prefix. Returns when every worker has exited, or as soon as one fails (the
     others are then terminated).
+
+    For a job that is not a TensorFlow cluster, `worker_envs` gives each
+    worker's own variables instead of TF_CONFIG (one mapping per worker), and
+    `names` labels the workers in the output prefix and the failure line.
     """
     if workers < 2:
         raise ValueError(f"--workers must be >= 2 to launch a cluster. Received: {workers}")
@@ -119,18 +127,22 @@ def launch_local(
     base_env.pop("TF_CONFIG", None)
     # Workers' output goes through pipes; unbuffered, it arrives line by line.
     base_env["PYTHONUNBUFFERED"] = "1"
-    configs = tf_configs(free_loopback_ports(workers))
+    if worker_envs is None:
+        worker_envs = [{"TF_CONFIG": tf_config} for tf_config in tf_configs(free_loopback_ports(workers))]
+    if len(worker_envs) != workers or (names is not None and len(names) != workers):
+        raise ValueError(f"worker_envs and names need one entry per worker. Received: {workers} workers")
+    labels = list(names) if names is not None else [f"worker {index}" for index in range(workers)]
     lock = threading.Lock()
     processes: list[subprocess.Popen] = []
     relays: list[threading.Thread] = []
     try:
-        for index, tf_config in enumerate(configs):
+        for index, worker_env in enumerate(worker_envs):
             process = subprocess.Popen(
-                list(command), env={**base_env, "TF_CONFIG": tf_config}, stdin=subprocess.DEVNULL,
+                list(command), env={**base_env, **worker_env}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             processes.append(process)
-            logger.info("Started worker %d (pid %d)", index, process.pid)
-            relay = threading.Thread(target=_relay, args=(process.stdout, f"[worker {index}] ", output, lock),
+            logger.info("Started %s (pid %d)", labels[index], process.pid)
+            relay = threading.Thread(target=_relay, args=(process.stdout, f"[{labels[index]}] ", output, lock),
                                      daemon=True)
             relay.start()
             relays.append(relay)
@@ -149,4 +161,5 @@ def launch_local(
         _stop(processes)
         for relay in relays:
             relay.join(timeout=2.0)
-    return LaunchResult(tuple(process.returncode for process in processes), failed)
+    return LaunchResult(tuple(process.returncode for process in processes), failed,
+                        tuple(names) if names is not None else None)
