@@ -83,6 +83,12 @@ def test_local_search_is_a_chief_and_n_tuners_on_one_loopback_port():
     assert all(env["KERASTUNER_ORACLE_IP"] == "127.0.0.1" for env in envs)
 
 
+def test_workers_flag_refuses_keras_tuners_variables(monkeypatch):
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "10.0.0.5")
+    with pytest.raises(ConfigError, match="--workers starts its own chief and tuners"):
+        tune_distributed.launch_local_search(["true"], 2)
+
+
 def test_launcher_takes_per_worker_variables_and_names(tmp_path):
     output = tmp_path / "log.txt"
     script = "import os; print(os.environ['ROLE'], 'TF_CONFIG' in os.environ)"
