@@ -4,8 +4,9 @@ from setuptools import find_packages, setup
 EXTRAS = {
     # psutil: peak resident memory per benchmark row; the multi-worker tests find and kill a worker.
     "benchmark": ["psutil>=5.9"],
-    # keras-tuner searches (scripts/tune.py); the bayesian tuner needs scipy and scikit-learn.
-    "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3"],
+    # keras-tuner searches (scripts/tune.py); the bayesian tuner needs scipy and scikit-learn. grpcio
+    # (keras-tuner's own dependency) is imported directly by the distributed search (tune_distributed).
+    "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3", "grpcio>=1.60"],
     # The draw-a-digit web app (scripts/serve.py).
     "serve": ["gradio>=6.31,<6.32"],
     # --data-source tfds: MNIST through tensorflow-datasets (it pulls pyarrow and more, ~220 MB).

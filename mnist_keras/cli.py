@@ -280,7 +280,11 @@ seed, i.e. the fixed model with its preset learning rate, is always trial 1):
              learning_rate                                       seed {_PRESET_LR['cnn']}
 The objective is validation accuracy on the split carved from the training set;
 the test set is used once, on the winner retrained on train+validation.
-Re-running the same command resumes an unfinished search."""
+Re-running the same command resumes an unfinished search. --workers N trains N
+trials at a time in N tuner processes, served by an oracle chief process; the same
+command runs across machines with keras-tuner's KERASTUNER_TUNER_ID (chief, tuner0,
+...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set (README: "Searching across
+machines")."""
 
 
 def tune_parser() -> argparse.ArgumentParser:
@@ -297,12 +301,13 @@ def _trials_table(trials: Sequence[dict], top: int = 5) -> str:
     completed = sorted((t for t in trials if t["status"] == "COMPLETED"),
                        key=lambda t: (-t["val_accuracy"], int(t["trial_id"])))[:top]
     names = list(completed[0]["hyperparameters"]) if completed else []
-    header = ["trial", "val_acc", "epochs", "seconds", *names, ""]
+    header = ["trial", "val_acc", "epochs", "seconds", "tuner", *names, ""]
     rows = []
     for trial in completed:
         values = [f"{v:.2e}" if isinstance(v, float) else str(v) for v in trial["hyperparameters"].values()]
         rows.append([str(int(trial["trial_id"]) + 1), f"{trial['val_accuracy']:.4f}", str(trial["epochs"]),
-                     f"{trial['wall_seconds'] or 0:.1f}", *values, "seed" if trial["seed_configuration"] else ""])
+                     f"{trial['wall_seconds'] or 0:.1f}", str(trial["worker"]), *values,
+                     "seed" if trial["seed_configuration"] else ""])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in [header, *rows])
@@ -314,14 +319,27 @@ def tune_main(args: argparse.Namespace) -> int:
     config = _config(config_lib.TuneConfig, args)
 
     errors.check_extra("keras_tuner", "tune", "tune.py")  # before the slow TensorFlow import
+    from mnist_keras import tune_distributed  # no TensorFlow import
+
+    role = tune_distributed.role_from_env()
+    if config.workers > 1:
+        return _launch_search(args.argv, config.workers)
+
     _import_tensorflow()
     errors.import_extra("keras_tuner", "tune", "tune.py")
     from mnist_keras import artifacts, tune
 
     output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
     try:
-        result = tune.run(config, output_dir=output_dir)
-    except tune.SearchFailedError as error:
+        if role is None:
+            result = tune.run(config, output_dir=output_dir)
+        elif role.is_chief:
+            result = tune_distributed.run_chief(config, output_dir, role)
+        else:
+            done = tune_distributed.run_tuner(config, output_dir, role)
+            print(f"{done.tuner_id}: ran {done.trials_run} trial(s); the chief at {role.address} writes the results")
+            return 0
+    except (tune.SearchFailedError, tune_distributed.ChiefLostError) as error:
         print(f"{prog_name('tune')}: error: {_first_line(error)}", file=sys.stderr)
         return 1
     best, seed, retrained = result.best["best_trial"], result.seed_trial, result.best["retrained"]
@@ -487,6 +505,19 @@ def _without_workers_flag(argv: Sequence[str]) -> list[str]:
     return kept
 
 
+def _worker_command(argv: Optional[Sequence[str]], main: str) -> list[str]:
+    """This same command for the processes a launcher starts; `main` names its entry point."""
+    if argv is None and sys.argv and os.path.isfile(sys.argv[0]):
+        # The script the user ran (scripts/*.py or the console script), so workers name it in errors.
+        program = [sys.executable, sys.argv[0]]
+    else:
+        program = [sys.executable, "-c", f"import sys; from mnist_keras.cli import {main}; sys.exit({main}())"]
+    if argv is None:
+        argv = sys.argv[1:]
+    # `--workers 1` explicitly: a --config file naming several workers must not make each worker launch more.
+    return [*program, *_without_workers_flag(argv or []), "--workers", "1"]
+
+
 def _launch_workers(argv: Optional[Sequence[str]], config) -> int:
     """`--workers N`: run this same command as N local workers (see mnist_keras/launch.py)."""
     from mnist_keras import artifacts, launch
@@ -494,15 +525,7 @@ def _launch_workers(argv: Optional[Sequence[str]], config) -> int:
     if os.environ.get("TF_CONFIG"):
         raise config_lib.ConfigError("--workers starts its own cluster and cannot be used with TF_CONFIG set; "
                                      "unset TF_CONFIG or drop --workers")
-    if argv is None and sys.argv and os.path.isfile(sys.argv[0]):
-        # The script the user ran (scripts/train.py or the console script), so workers name it in errors.
-        program = [sys.executable, sys.argv[0]]
-    else:
-        program = [sys.executable, "-c", "import sys; from mnist_keras.cli import train_main; sys.exit(train_main())"]
-    if argv is None:
-        argv = sys.argv[1:]
-    # `--workers 1` explicitly: a --config file naming several workers must not make each worker launch more.
-    command = [*program, *_without_workers_flag(argv or []), "--workers", "1"]
+    command = _worker_command(argv, "train_main")
     prog = prog_name("train")
     run_dir = None
     if not config.dry_run:
@@ -519,6 +542,25 @@ def _launch_workers(argv: Optional[Sequence[str]], config) -> int:
             print(f"Last lines of worker {failed}:", file=sys.stderr)
             print("\n".join(f"[worker {failed}] {line}" for line in result.tails[failed]), file=sys.stderr)
         print(f"{prog}: error: {result.describe_failure()}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _launch_search(argv: Optional[Sequence[str]], tuners: int) -> int:
+    """`tune.py --workers N`: this same command as the oracle chief and N tuners (see tune_distributed.py)."""
+    from mnist_keras import tune_distributed
+
+    result = tune_distributed.launch_local_search(_worker_command(argv, "tune_main"), tuners)
+    if result.interrupted is not None:
+        print(f"{prog_name('tune')}: {result.describe_failure()}", file=sys.stderr)
+        return 128 + result.interrupted
+    if not result.ok:
+        failed = result.failed_worker
+        if failed != 0 and result.tails[failed]:  # the chief's output is already on the console
+            print(f"Last lines of {result.names[failed]}:", file=sys.stderr)
+            print("\n".join(f"[{result.names[failed]}] {line}" for line in result.tails[failed]), file=sys.stderr)
+        print(f"{prog_name('tune')}: error: {result.describe_failure()}; run the same command again to resume the "
+              f"search", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 

@@ -220,6 +220,12 @@ class TuneConfig:
     overwrite: bool = option(False, "Delete a previous search in the output folder and start again "
                              "(without it, an unfinished search resumes).")
     verbose: int = option(1, "0: quiet, 1: one line per trial, 2: also a progress bar per epoch.")
+    workers: int = option(1, "Train trials in this many tuner processes at once, on this machine: starts the "
+                          "oracle chief and N tuners on a loopback port (each runs this same command with "
+                          "keras-tuner's KERASTUNER_* variables set). 1: every trial in this process.")
+    worker_timeout: float = option(60.0, "Distributed search: seconds of silence after which the chief gives "
+                                   "a tuner's trial to another tuner, and a tuner gives up on the chief "
+                                   "(also how long a tuner waits for the chief to start).")
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, ARCHITECTURES)
@@ -243,6 +249,8 @@ class TuneConfig:
         check_range("steps_per_execution", self.steps_per_execution, minimum=1)
         check_range("seed", self.seed, minimum=0)
         check_range("verbose", self.verbose, minimum=0, maximum=2)
+        check_range("workers", self.workers, minimum=1)
+        check_range("worker_timeout", self.worker_timeout, minimum=1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,6 +64,7 @@ class LaunchResult:
     interrupted: Optional[int] = None
     tails: tuple[tuple[str, ...], ...] = ()
     log_files: tuple[Optional[Path], ...] = ()
+    names: Optional[tuple[str, ...]] = None  # The workers' labels, when the caller gave them.
 
     @property
     def ok(self) -> bool:
@@ -84,7 +85,8 @@ class LaunchResult:
                 how = f"killed by signal {-code}"
         log = self.log_files[self.failed_worker] if self.failed_worker < len(self.log_files) else None
         where = f"; its log: {log}" if log is not None else ""
-        return f"worker {self.failed_worker} failed ({how}); stopped the other workers{where}"
+        name = self.names[self.failed_worker] if self.names else f"worker {self.failed_worker}"
+        return f"{name} failed ({how}); stopped the other workers{where}"
 
 
 def free_loopback_ports(count: int) -> list[int]:
@@ -184,6 +186,8 @@ def launch_local(
     env: Optional[Mapping[str, str]] = None,
     output: Optional[TextIO] = None,
     run_dir: Optional[Path | str] = None,
+    worker_envs: Optional[Sequence[Mapping[str, str]]] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> LaunchResult:
     """Run `command` as `workers` processes forming one cluster on loopback; wait for all of them.
 
@@ -193,6 +197,10 @@ def launch_local(
     `<run_dir>/logs/worker-<i>.log`. Returns when every worker has exited, as
     soon as one fails (the others are then stopped), or when the launcher gets
     SIGINT or SIGTERM (every worker is then stopped).
+
+    For a job that is not a TensorFlow cluster, `worker_envs` gives each
+    worker's own variables instead of TF_CONFIG (one mapping per worker), and
+    `names` labels the workers in the output prefix and the failure line.
     """
     if workers < 2:
         raise ValueError(f"--workers must be >= 2 to launch a cluster. Received: {workers}")
@@ -205,7 +213,11 @@ def launch_local(
     if run_dir is not None:
         log_files = [Path(run_dir) / artifacts.worker_log_file(index) for index in range(workers)]
         log_files[0].parent.mkdir(parents=True, exist_ok=True)
-    configs = tf_configs(free_loopback_ports(workers))
+    if worker_envs is None:
+        worker_envs = [{"TF_CONFIG": tf_config} for tf_config in tf_configs(free_loopback_ports(workers))]
+    if len(worker_envs) != workers or (names is not None and len(names) != workers):
+        raise ValueError(f"worker_envs and names need one entry per worker. Received: {workers} workers")
+    labels = list(names) if names is not None else [f"worker {index}" for index in range(workers)]
     # The workers' temporary files (TensorFlow's autograph writes some, deleted only at a clean exit)
     # go into one folder the launcher deletes however the workers end.
     worker_tmp = Path(tempfile.mkdtemp(prefix="mnist_keras_workers_"))
@@ -215,19 +227,19 @@ def launch_local(
     failed = None
     with _StopSignals() as stop_signals:
         try:
-            for index, tf_config in enumerate(configs):
+            for index, worker_env in enumerate(worker_envs):
                 tmp = worker_tmp / f"worker-{index}"
                 tmp.mkdir()
                 # A session of their own: a terminal's Ctrl-C reaches the launcher, which stops them.
                 process = subprocess.Popen(
-                    list(command), env={**base_env, "TF_CONFIG": tf_config, "TMPDIR": str(tmp)},
+                    list(command), env={**base_env, **worker_env, "TMPDIR": str(tmp)},
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                     start_new_session=True)
                 processes.append(process)
-                logger.info("Started worker %d (pid %d)", index, process.pid)
+                logger.info("Started %s (pid %d)", labels[index], process.pid)
                 relays.append(_Relay(process, log_files[index], output if index == 0 else None,
-                                     f"[worker {index}] ", lock))
+                                     f"[{labels[index]}] ", lock))
             while stop_signals.received is None and any(process.poll() is None for process in processes):
                 failed = _first_failure(processes)
                 if failed is not None:
@@ -244,4 +256,5 @@ def launch_local(
     interrupted = stop_signals.received
     return LaunchResult(tuple(process.returncode for process in processes),
                         failed_worker=None if interrupted else failed, interrupted=interrupted,
-                        tails=tuple(tuple(relay.tail) for relay in relays), log_files=tuple(log_files))
+                        tails=tuple(tuple(relay.tail) for relay in relays), log_files=tuple(log_files),
+                        names=tuple(names) if names is not None else None)

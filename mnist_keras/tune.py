@@ -9,8 +9,9 @@
    scored by validation accuracy. The first trial of a fresh search is the seed
    configuration: the fixed model's layer sizes and its preset learning rate.
    Trials only ever receive the training and validation arrays;
-2. `trials.json`: every trial's hyperparameters, validation accuracy, epochs
-   and wall time;
+2. `trials.json`: every trial's hyperparameters, validation accuracy, epochs,
+   the tuner that ran it and its wall time (kept by the oracle, so they are
+   known wherever the trial ran);
 3. the best trial's hyperparameters retrained on train+validation with
    `train.run`, which evaluates the test set (its only use) and writes a normal
    run folder `best/` (so `scripts/export.py` takes it unchanged);
@@ -19,18 +20,24 @@
 The keras-tuner project lives in `<output_dir>/tuner/`; re-running the same
 command reloads it, so finished trials are not trained again and a trial cut
 short by a kill is run again from its start.
+
+`run` searches in this process. `tune_distributed` runs the same search with
+keras-tuner's distributed mode: a chief process holds the oracle (and then does
+steps 2-4 through `run(search=...)`) while tuner processes train the trials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import inspect
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import keras
 import keras_tuner
@@ -53,14 +60,17 @@ TUNER_DIR = "tuner"  # keras-tuner's own project folder
 TRIALS_FILE = "trials.json"
 BEST_FILE = "best.json"  # Written last: its presence marks a finished search.
 BEST_RUN_DIR = "best"
-TIMING_FILE = "timing.json"  # Inside each keras-tuner trial folder.
+# The file keras-tuner's BaseTuner reloads a project from (its own name for it depends on the tuner id).
+PROJECT_MARKER = "tuner0.json"
 HYPERBAND_FACTOR = 3
 # keras-tuner's bookkeeping values in Hyperband trials; not layer sizes.
 HYPERBAND_KEYS = ("tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id")
 # Settings that may change between a search and its resumption; any other
 # difference would mix trials of two different searches.
 RESUMABLE_CHANGES = ("max_trials", "output_dir", "overwrite", "verbose", "strategy", "devices",
-                     "data_source", "data_dir", "steps_per_execution")
+                     "data_source", "data_dir", "steps_per_execution", "workers", "worker_timeout")
+# Trial statuses after which the oracle will not hand the trial out again.
+ENDED_STATUSES = ("COMPLETED", "FAILED", "INVALID")
 
 
 class SearchFailedError(RuntimeError):
@@ -218,40 +228,36 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-class _RecordingTuner:
-    """Adds to a keras-tuner Tuner: each trial's timing in its folder, and a progress line per trial."""
+class _SearchTuner:
+    """Adds to a keras-tuner Tuner: one project file name for every mode, and a context around each trial."""
+
+    # Entered around every trial; a distributed tuner sends heartbeats to the chief from it.
+    trial_context: Callable[[Any], contextlib.AbstractContextManager] = staticmethod(
+        lambda trial: contextlib.nullcontext())
+    trials_run = 0
+
+    def _get_tuner_fname(self):
+        # keras-tuner names this (stateless) file after the tuner id: tuner0 alone, chief with workers.
+        # The oracle's holder always uses one name, so a search started alone resumes with workers and
+        # back; a worker's own file has another, so it is never taken for the oracle's.
+        if self._is_worker():
+            return os.path.join(str(self.project_dir), f"worker_{self.tuner_id}.json")
+        return os.path.join(str(self.project_dir), PROJECT_MARKER)
 
     def run_trial(self, trial, *args, **kwargs):
-        started_at, started = _utc_now(), time.perf_counter()
-        results = super().run_trial(trial, *args, **kwargs)
-        values = trial.hyperparameters.values
-        epochs = int(values.get("tuner/epochs", kwargs.get("epochs") or self.hypermodel.config.epochs))
-        artifacts.write_json(Path(self.get_trial_dir(trial.trial_id)) / TIMING_FILE, {
-            "started_at": started_at, "finished_at": _utc_now(),
-            "wall_seconds": round(time.perf_counter() - started, 2), "epochs": epochs,
-            "initial_epoch": int(values.get("tuner/initial_epoch", 0))})
-        return results
+        with self.trial_context(trial):
+            return super().run_trial(trial, *args, **kwargs)
 
     def on_trial_end(self, trial):
-        try:
-            super().on_trial_end(trial)  # Scores the trial; raises after too many failures in a row.
-        finally:
-            record = trial_record(self, trial)
-            total = self.oracle.max_trials or "?"
-            if record["status"] == "COMPLETED":
-                logger.info("Trial %s/%s: val_accuracy %.4f, %s, %d epochs, %.1f s", int(trial.trial_id) + 1,
-                            total, record["val_accuracy"], _format_values(record["hyperparameters"]),
-                            record["epochs"] or 0, record["wall_seconds"] or 0.0)
-            else:
-                logger.warning("Trial %s/%s %s: %s", int(trial.trial_id) + 1, total, record["status"],
-                               record["error"])
+        super().on_trial_end(trial)
+        self.trials_run += 1
 
 
-class _Tuner(_RecordingTuner, keras_tuner.Tuner):
+class _Tuner(_SearchTuner, keras_tuner.Tuner):
     pass
 
 
-class _HyperbandTuner(_RecordingTuner, keras_tuner.Hyperband):
+class _HyperbandTuner(_SearchTuner, keras_tuner.Hyperband):
     """keras_tuner.Hyperband (epochs per trial, continuing from a parent's checkpoint) on a given oracle."""
 
     def __init__(self, oracle, hypermodel, **kwargs):
@@ -259,8 +265,24 @@ class _HyperbandTuner(_RecordingTuner, keras_tuner.Hyperband):
         keras_tuner.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
-class _SeedFirst:
-    """The first trial of a fresh search is the seed configuration (every hyperparameter's default)."""
+class _SearchOracle:
+    """What the oracle adds, in one process or as the chief of many.
+
+    - The first trial of a fresh search is the seed configuration (every hyperparameter's default).
+    - Each trial's run: the tuner it was given to, when, and its wall time (assignment to report), kept in
+      the oracle's saved state, so the records are complete wherever the trials ran.
+    - One progress line per finished trial, naming the tuner.
+    - Too many failed trials in a row stop the search: every tuner is told to stop (`stop_reason`),
+      rather than keras-tuner's exception inside whichever call noticed.
+    - A result for a trial that already ended (a tuner given up for lost came back) is ignored.
+    """
+
+    def __init__(self, config: TuneConfig, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = config
+        self.runs: dict[str, dict] = {}  # trial_id -> {"worker", "started_at", ...}
+        self.stop_reason: Optional[str] = None
+        self._clocks: dict[str, float] = {}  # trial_id -> perf_counter() at assignment
 
     def _random_values(self):
         if not self.trials:
@@ -269,16 +291,70 @@ class _SeedFirst:
                 return values
         return super()._random_values()
 
+    @keras_tuner.synchronized
+    def create_trial(self, tuner_id):
+        if self.stop_reason is not None:
+            self.tuner_ids.discard(tuner_id)
+            return keras_tuner.engine.trial.Trial(self.get_space(), status="STOPPED")
+        trial = super().create_trial(tuner_id)
+        if trial.status == "RUNNING":
+            attempts = self.runs.get(trial.trial_id, {}).get("attempts", 0) + 1
+            self.runs[trial.trial_id] = {"worker": tuner_id, "started_at": _utc_now(), "attempts": attempts}
+            self._clocks[trial.trial_id] = time.perf_counter()
+            self.save()
+        return trial
 
-class _RandomOracle(_SeedFirst, keras_tuner.oracles.RandomSearchOracle):
+    @keras_tuner.synchronized
+    def end_trial(self, trial):
+        if trial.trial_id in self.end_order:
+            logger.warning("Trial %d had already ended; a second result for it is ignored", int(trial.trial_id) + 1)
+            return
+        if trial.trial_id in self._retry_queue:  # its tuner was given up for lost, yet it finished
+            self._retry_queue.remove(trial.trial_id)
+        run = self.runs.setdefault(trial.trial_id, {"worker": None, "started_at": None, "attempts": 1})
+        run["finished_at"] = _utc_now()
+        if trial.trial_id in self._clocks:
+            run["wall_seconds"] = round(time.perf_counter() - self._clocks.pop(trial.trial_id), 2)
+        try:
+            super().end_trial(trial)
+        except RuntimeError as error:  # keras-tuner: too many failed trials in a row.
+            if "consecutive failures" not in str(error):
+                raise
+            self.stop_reason = str(error).splitlines()[0].rstrip(".")
+            for tuner_id, ongoing in list(self.ongoing_trials.items()):
+                if ongoing.trial_id == trial.trial_id:
+                    self.ongoing_trials.pop(tuner_id)
+        # keras-tuner saves before it drops the trial from the ongoing ones; saved that way, a resumed
+        # search would run the finished trial again (a tuner alone saves again after; a chief does not).
+        self.save()
+        self._log_trial(self.trials[trial.trial_id])
+
+    def _log_trial(self, trial) -> None:
+        record = trial_record(trial, self.runs.get(trial.trial_id, {}), self.config)
+        label = f"Trial {int(trial.trial_id) + 1}/{self.max_trials or '?'} ({record['worker']})"
+        if record["status"] == "COMPLETED":
+            logger.info("%s: val_accuracy %.4f, %s, %d epochs, %.1f s", label, record["val_accuracy"],
+                        _format_values(record["hyperparameters"]), record["epochs"], record["wall_seconds"] or 0.0)
+        else:
+            logger.warning("%s %s: %s", label, record["status"], record["error"])
+
+    def get_state(self):
+        return {**super().get_state(), "trial_runs": self.runs}
+
+    def set_state(self, state):
+        super().set_state(state)
+        self.runs = dict(state.get("trial_runs", {}))
+
+
+class _RandomOracle(_SearchOracle, keras_tuner.oracles.RandomSearchOracle):
     pass
 
 
-class _BayesianOracle(_SeedFirst, keras_tuner.oracles.BayesianOptimizationOracle):
+class _BayesianOracle(_SearchOracle, keras_tuner.oracles.BayesianOptimizationOracle):
     pass
 
 
-class _HyperbandOracle(_SeedFirst, keras_tuner.oracles.HyperbandOracle):
+class _HyperbandOracle(_SearchOracle, keras_tuner.oracles.HyperbandOracle):
     pass
 
 
@@ -287,11 +363,11 @@ def make_tuner(config: TuneConfig, hypermodel: MnistHyperModel, directory: Path)
     common = dict(objective=keras_tuner.Objective(OBJECTIVE, direction="max"), seed=config.seed,
                   max_retries_per_trial=0, max_consecutive_failed_trials=3)
     if config.tuner == "random":
-        oracle, tuner_cls = _RandomOracle(max_trials=config.max_trials, **common), _Tuner
+        oracle, tuner_cls = _RandomOracle(config, max_trials=config.max_trials, **common), _Tuner
     elif config.tuner == "bayesian":
-        oracle, tuner_cls = _BayesianOracle(max_trials=config.max_trials, **common), _Tuner
+        oracle, tuner_cls = _BayesianOracle(config, max_trials=config.max_trials, **common), _Tuner
     elif config.tuner == "hyperband":
-        oracle = _HyperbandOracle(max_epochs=config.epochs, factor=HYPERBAND_FACTOR, **common)
+        oracle = _HyperbandOracle(config, max_epochs=config.epochs, factor=HYPERBAND_FACTOR, **common)
         oracle.max_trials = config.max_trials  # Hyperband has no such argument; the base oracle honours it.
         tuner_cls = _HyperbandTuner
     else:
@@ -317,11 +393,9 @@ def _first_cause(message: Optional[str]) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def trial_record(tuner: keras_tuner.Tuner, trial) -> dict:
-    """One trial as a JSON-ready dict."""
+def trial_record(trial, run: dict, config: TuneConfig) -> dict:
+    """One trial as a JSON-ready dict; `run` is the oracle's note of who ran it and when."""
     values = trial.hyperparameters.values
-    timing_path = Path(tuner.get_trial_dir(trial.trial_id)) / TIMING_FILE
-    timing = artifacts.read_json(timing_path) if timing_path.is_file() else {}
     completed = trial.status == "COMPLETED"
 
     def metric(name: str) -> Optional[float]:
@@ -332,17 +406,21 @@ def trial_record(tuner: keras_tuner.Tuner, trial) -> dict:
         "trial_id": trial.trial_id,
         "status": trial.status,
         "hyperparameters": hyperparameters,
-        "seed_configuration": hyperparameters == seed_hyperparameters(tuner.hypermodel.config.arch),
+        "seed_configuration": hyperparameters == seed_hyperparameters(config.arch),
         "val_accuracy": metric(OBJECTIVE),
         "val_loss": metric("val_loss"),
         "train_accuracy": metric("accuracy"),
-        "epochs": timing.get("epochs"),
-        "initial_epoch": timing.get("initial_epoch"),
+        # Hyperband chooses each trial's epochs; the other tuners train every trial fully.
+        "epochs": int(values.get("tuner/epochs", config.epochs)),
+        "initial_epoch": int(values.get("tuner/initial_epoch", 0)),
         "continues_trial": values.get("tuner/trial_id"),
-        "wall_seconds": timing.get("wall_seconds"),
-        "started_at": timing.get("started_at"),
-        "finished_at": timing.get("finished_at"),
-        "error": None if completed else _first_cause(trial.message),
+        "worker": run.get("worker"),
+        "attempts": run.get("attempts"),
+        "wall_seconds": run.get("wall_seconds"),
+        "started_at": run.get("started_at"),
+        "finished_at": run.get("finished_at"),
+        "error": None if completed else (_first_cause(trial.message) if trial.status in ENDED_STATUSES
+                                         else "did not finish"),
     }
 
 
@@ -404,56 +482,83 @@ def _check_same_search(folder: Path, config: TuneConfig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def run(
-    config: TuneConfig,
-    output_dir: Path | str,
-    data: Optional[data_lib.MnistData] = None,
-    strategy: Optional[tf.distribute.Strategy] = None,
-) -> TuneResult:
-    """Search, write trials.json, retrain the winner on train+validation into best/, write best.json."""
-    started = time.perf_counter()
+def trial_strategy(config: TuneConfig, strategy: Optional[tf.distribute.Strategy]) -> tf.distribute.Strategy:
+    """The (single-worker) strategy every trial of this process trains under; usage errors as ConfigError."""
     check_search_space(config)
-    output_dir = Path(output_dir)
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices)
     if strategy_lib.strategy_name(strategy) == "multi_worker":
-        raise ConfigError("--strategy: a search runs in one process; multi-worker training is not supported. "
+        raise ConfigError("--strategy: a trial trains in one process; multi-worker training is not supported. "
                           "Received: multi_worker (TF_CONFIG is set)")
     if config.batch_size % strategy.num_replicas_in_sync:
         # Checked here, not in every trial, so that it is one usage error rather than N failed trials.
         raise ConfigError(f"--batch-size must be a multiple of the {strategy.num_replicas_in_sync} replicas. "
                           f"Received: {config.batch_size}")
-    resuming = prepare_search_dir(output_dir, config)
+    return strategy
+
+
+def load_search_data(config: TuneConfig, data: Optional[data_lib.MnistData]) -> data_lib.MnistData:
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, config.validation_size, config.seed)
     if not len(data.x_val):
         raise ConfigError("--validation-size must be > 0: the validation accuracy is the objective. Received: 0")
+    return data
+
+
+def search_locally(tuner: keras_tuner.Tuner, data: data_lib.MnistData) -> None:
+    """Run every trial in this process."""
+    # Only the training and validation arrays go in: the test set cannot reach a trial.
+    tuner.search(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val), verbose=0)
+
+
+def run(
+    config: TuneConfig,
+    output_dir: Path | str,
+    data: Optional[data_lib.MnistData] = None,
+    strategy: Optional[tf.distribute.Strategy] = None,
+    search: Callable[[keras_tuner.Tuner, data_lib.MnistData], None] = search_locally,
+) -> TuneResult:
+    """Search, write trials.json, retrain the winner on train+validation into best/, write best.json.
+
+    `search(tuner, data)` runs the trials: here by default; `tune_distributed`
+    passes one that serves the oracle to tuner processes until they are done.
+    """
+    started = time.perf_counter()
+    if search is search_locally and os.environ.get("KERASTUNER_ORACLE_IP"):
+        # keras-tuner would turn this process's oracle into a client of another one.
+        raise ConfigError("KERASTUNER_ORACLE_IP is set: this process is part of a distributed search; "
+                          "run it through tune_distributed (scripts/tune.py does). Received: "
+                          f"{os.environ['KERASTUNER_ORACLE_IP']}")
+    output_dir = Path(output_dir)
+    strategy = trial_strategy(config, strategy)
+    resuming = prepare_search_dir(output_dir, config)
+    data = load_search_data(config, data)
     logger.info("%s the %s search of %s in %s: %s", "Resuming" if resuming else "Starting", config.tuner,
                 config.arch, output_dir, _format_values(
                     {row["name"]: f"[{row['low']}, {row['high']}]" for row in search_space_summary(config)}))
 
     hypermodel = MnistHyperModel(config, strategy, len(data.x_train))
     tuner = make_tuner(config, hypermodel, output_dir)
-    try:
-        # Only the training and validation arrays go in: the test set cannot reach a trial.
-        tuner.search(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val), verbose=0)
-        stopped_early = None
-    except RuntimeError as error:  # keras-tuner stops after 3 failed trials in a row.
-        if "consecutive failures" not in str(error):
-            raise
-        stopped_early = str(error).splitlines()[0]
+    search(tuner, data)
+    oracle = tuner.oracle
+    stopped_early = oracle.stop_reason
 
-    records = [trial_record(tuner, trial) for _, trial in sorted(tuner.oracle.trials.items(),
-                                                                  key=lambda item: int(item[0]))]
+    records = [trial_record(trial, oracle.runs.get(trial_id, {}), config)
+               for trial_id, trial in sorted(oracle.trials.items(), key=lambda item: int(item[0]))]
     artifacts.write_json(output_dir / TRIALS_FILE, records)
+    unfinished = [record for record in records if record["status"] not in ENDED_STATUSES]
+    if unfinished and not stopped_early:
+        numbers = ", ".join(str(int(record["trial_id"]) + 1) for record in unfinished)
+        raise SearchFailedError(f"the search stopped with trial(s) {numbers} unfinished (their tuner was lost); "
+                                f"run the same command again to finish them (see {output_dir / TRIALS_FILE})")
     failed = [record for record in records if record["status"] != "COMPLETED"]
     if len(failed) == len(records) or stopped_early:
         first = failed[0] if failed else None
         reason = (f"every one of the {len(records)} trials failed" if len(failed) == len(records)
-                  else f"the search stopped ({stopped_early.rstrip('.')})")
+                  else f"the search stopped ({stopped_early})")
         cause = f"; trial {first['trial_id']} failed with: {first['error']}" if first else ""
         raise SearchFailedError(f"{reason}{cause} (see {output_dir / TRIALS_FILE})")
     for record in failed:
-        logger.warning("Trial %s failed: %s", record["trial_id"], record["error"])
+        logger.warning("Trial %d failed: %s", int(record["trial_id"]) + 1, record["error"])
 
     best = _best_trial(records)
     seed_trial = next((record for record in records if record["seed_configuration"]), None)

@@ -112,8 +112,8 @@ def test_interrupted_search_resumes_without_retraining_finished_trials(small_dat
     interrupt_at = 2  # inside the second trial
     with pytest.raises(KeyboardInterrupt):
         tune.run(tiny_tune_config(), output_dir=folder, data=small_data)
-    first_timing = (folder / "tuner/trial_0/timing.json").read_text()
-    assert not (folder / "tuner/trial_1/timing.json").exists()
+    first_trial = (folder / "tuner/trial_0/trial.json").read_text()
+    assert json.loads((folder / "tuner/trial_1/trial.json").read_text())["status"] == "RUNNING"
     assert not (folder / "best.json").exists()
 
     calls.clear()
@@ -123,7 +123,7 @@ def test_interrupted_search_resumes_without_retraining_finished_trials(small_dat
     assert len(calls) == 2
     assert [t["trial_id"] for t in result.trials] == ["0", "1"]
     assert all(t["status"] == "COMPLETED" for t in result.trials)
-    assert (folder / "tuner/trial_0/timing.json").read_text() == first_timing
+    assert (folder / "tuner/trial_0/trial.json").read_text() == first_trial
     assert result.trials[0]["finished_at"] < result.trials[1]["started_at"]
 
 
@@ -240,13 +240,13 @@ def test_killed_search_resumes_from_the_command_line(tmp_path):
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    first = json.loads((out / "tuner/trial_0/timing.json").read_text())
+    first = (out / "tuner/trial_0/trial.json").read_text()
     assert not (out / "best.json").exists()
 
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     trials = json.loads((out / "trials.json").read_text())
     assert [t["trial_id"] for t in trials] == ["0", "1", "2"]
-    assert json.loads((out / "tuner/trial_0/timing.json").read_text()) == first  # not trained again
+    assert (out / "tuner/trial_0/trial.json").read_text() == first  # not trained again
     assert trials[0]["finished_at"] < trials[1]["started_at"] < trials[2]["started_at"]
     assert (out / "best.json").exists() and (out / "best/metrics.json").exists()
