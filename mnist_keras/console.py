@@ -44,7 +44,10 @@ def configure(log_level: str = "info", verbose: int = 1) -> None:
     # After start-up, TensorFlow's C++ logging honours this: 3 hides its errors too (a machine
     # without a GPU logs `E0000 ... failed call to cuInit`); debug shows everything.
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if debug else "3"
-    os.environ.setdefault("GRPC_VERBOSITY", "INFO" if debug else "ERROR")
+    if debug:
+        # Left unset otherwise: gRPC (multi-worker training) applies GRPC_VERBOSITY to absl's
+        # process-wide log threshold, and ERROR there would let TensorFlow's E-level lines through.
+        os.environ.setdefault("GRPC_VERBOSITY", "INFO")
     package_level = getattr(logging, log_level.upper())
     if not verbose and package_level < logging.WARNING:
         package_level = logging.WARNING
