@@ -296,6 +296,10 @@ class _SearchOracle:
         if self.stop_reason is not None:
             self.tuner_ids.discard(tuner_id)
             return keras_tuner.engine.trial.Trial(self.get_space(), status="STOPPED")
+        if self._waiting_for_others(tuner_id):
+            # Every trial is handed out, but another tuner's may still be given up for lost and come back
+            # to the queue: this tuner waits (keras-tuner's tuners ask again) rather than being let go.
+            return keras_tuner.engine.trial.Trial(self.get_space(), status="IDLE")
         trial = super().create_trial(tuner_id)
         if trial.status == "RUNNING":
             attempts = self.runs.get(trial.trial_id, {}).get("attempts", 0) + 1
@@ -303,6 +307,12 @@ class _SearchOracle:
             self._clocks[trial.trial_id] = time.perf_counter()
             self.save()
         return trial
+
+    def _waiting_for_others(self, tuner_id) -> bool:
+        """True when no trial is left to create or retry while other tuners still run theirs."""
+        all_created = bool(self.max_trials) and len(self.trials) >= self.max_trials
+        others_running = any(other != tuner_id for other in self.ongoing_trials)
+        return all_created and not self._retry_queue and tuner_id not in self.ongoing_trials and others_running
 
     @keras_tuner.synchronized
     def end_trial(self, trial):

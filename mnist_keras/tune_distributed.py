@@ -54,6 +54,9 @@ CHIEF_ID = "chief"
 LOOPBACK = "127.0.0.1"
 HEARTBEAT_SECONDS = 5.0
 POLL_SECONDS = 0.5
+# How long the chief holds a tuner's request for a trial when every trial is handed out but another
+# tuner's may yet come back: keras-tuner's tuner would otherwise ask again at once, in a tight loop.
+IDLE_PAUSE_SECONDS = 1.0
 # gRPC retries a refused connection with a growing delay (up to two minutes by default);
 # capped, a tuner connects within a second of the chief starting.
 _CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
@@ -190,6 +193,7 @@ def _nothing_left(oracle) -> bool:
 
 def _heartbeat_servicer(base):
     """keras-tuner's OracleServicer, noting when each running trial's tuner was last heard from."""
+    from keras_tuner.src import protos
 
     class HeartbeatServicer(base):
         def __init__(self, oracle, heard: dict[str, float]):
@@ -198,6 +202,10 @@ def _heartbeat_servicer(base):
 
         def CreateTrial(self, request, context):
             response = super().CreateTrial(request, context)
+            if response.trial.status == protos.get_proto().TrialStatus.IDLE:
+                # keras-tuner's tuner asks again at once: this pause keeps a waiting tuner from spinning.
+                time.sleep(IDLE_PAUSE_SECONDS)
+                return response
             self.heard[response.trial.trial_id] = time.monotonic()
             return response
 

@@ -147,9 +147,28 @@ def test_max_trials_holds_across_tuners_and_the_seed_is_first(oracle):
     assert trials[0].hyperparameters.values == tune.seed_hyperparameters("mlp_small")
     for trial in trials:
         finish(oracle, trial)
-    assert oracle.create_trial("tuner0").status == "RUNNING"
-    assert oracle.create_trial("tuner1").status == "STOPPED"  # 3 trials given out: no fourth
+    third = oracle.create_trial("tuner0")
+    assert third.status == "RUNNING"
+    # 3 trials given out: no fourth. While the third runs, tuner1 waits (it may yet be requeued) ...
+    assert oracle.create_trial("tuner1").status == "IDLE"
+    finish(oracle, third)
+    # ... and once it has finished, tuner1 is let go.
+    assert oracle.create_trial("tuner1").status == "STOPPED"
     assert len(oracle.trials) == 3
+
+
+def test_a_waiting_tuner_takes_over_a_lost_tuners_trial(oracle):
+    first, second = oracle.create_trial("tuner0"), oracle.create_trial("tuner1")
+    finish(oracle, first)
+    third = oracle.create_trial("tuner0")
+    finish(oracle, third)
+    assert oracle.create_trial("tuner0").status == "IDLE"  # tuner1 still runs the second trial
+    lost = tune_distributed.requeue_lost_trials(oracle, {second.trial_id: 0.0}, timeout=1.0)
+    assert lost == ["tuner1"]
+    retried = oracle.create_trial("tuner0")
+    assert retried.status == "RUNNING" and retried.trial_id == second.trial_id
+    finish(oracle, retried)
+    assert oracle.create_trial("tuner0").status == "STOPPED" and len(oracle.trials) == 3
 
 
 def test_too_many_failures_stop_every_tuner(oracle):
