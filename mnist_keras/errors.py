@@ -19,6 +19,12 @@ class UsageError(Exception):
     """Input the package recognises as wrong (a flag, a data file, an output folder, a missing extra)."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class MissingExtraError(UsageError, ImportError):
     """An optional dependency of one feature is not installed."""
 

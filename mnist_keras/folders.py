@@ -12,13 +12,15 @@ Ground floor: no TensorFlow, nothing of the package but its errors.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from mnist_keras.errors import UsageError
 
@@ -202,3 +204,61 @@ def publish_folder(staging: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(retired, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderKind:
+    """What marks an output folder as one a job wrote, and as finished work that only --overwrite replaces.
+
+    `markers`: entries any one of which makes a non-empty folder ours (anything else
+    there is the user's, and the folder is refused whatever --overwrite says).
+    `finished`: the entry whose presence marks finished work; a folder of ours
+    without it holds unfinished work the job may resume.
+    """
+
+    noun: str  # "an export folder"
+    markers: tuple
+    finished: str
+    holds: str  # "an export", as in "holds an export; pass --overwrite to replace it"
+
+
+def check_output_folder(folder: os.PathLike | str, kind: FolderKind, overwrite: bool = False) -> bool:
+    """May a job write `folder`? Refuse with one line, or return True when it holds unfinished work of ours.
+
+    Changes nothing: a missing folder, an empty one, or one of ours (finished and
+    `overwrite`, or unfinished) passes; a file in its place, a folder of someone
+    else's, or finished work without `overwrite` is refused, as is a place that
+    cannot be written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder}: exists and is not a folder")
+    check_writable(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    if not any((folder / marker).exists() for marker in kind.markers):
+        raise OutputExistsError(f"{folder}: not empty and not {kind.noun} (no {kind.markers[0]}); "
+                                "choose another --output-dir")
+    if (folder / kind.finished).exists():
+        if not overwrite:
+            raise OutputExistsError(f"{folder}: holds {kind.holds}; pass --overwrite to replace it")
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def building(target: os.PathLike | str) -> Iterator[Path]:
+    """Build a folder under a temporary name beside `target`; on success publish it as `target` whole.
+
+    `with folders.building(out) as staging: ...write into staging...` - if the
+    block raises, the staging folder is removed and `target` is untouched.
+    Re-check that `target` may be replaced inside the block, as its last step,
+    when the job ran long enough for another to have written it meanwhile.
+    """
+    target = Path(target)
+    staging = staging_folder(target)
+    try:
+        yield staging
+        publish_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
