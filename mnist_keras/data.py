@@ -23,13 +23,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mnist_keras.constants import IMAGE_SHAPE, NUM_CLASSES
 from mnist_keras.errors import UsageError, import_extra
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "MNIST_DATA_DIR"
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
 
 # The published file names; each may be gzip-compressed (".gz") or raw.
 IDX_FILES = {

@@ -15,8 +15,7 @@ from typing import Callable, Iterator, Sequence, Union
 
 import keras
 
-NUM_CLASSES = 10
-INPUT_SHAPE = (28, 28)
+from mnist_keras.constants import IMAGE_SHAPE as INPUT_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
 
 def _check_positive_ints(name: str, values: Sequence[int], length: int | None = None) -> tuple[int, ...]:
@@ -29,7 +28,7 @@ def _check_positive_ints(name: str, values: Sequence[int], length: int | None = 
 
 
 def _inputs_and_scaled() -> tuple[keras.KerasTensor, keras.KerasTensor]:
-    inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="pixels")
+    inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name=INPUT_NAME)
     # Raw 0-255 pixels in, [0, 1] inside: one place knows the scale.
     scaled = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     return inputs, scaled
@@ -38,7 +37,7 @@ def _inputs_and_scaled() -> tuple[keras.KerasTensor, keras.KerasTensor]:
 def _classifier(features: keras.KerasTensor) -> keras.KerasTensor:
     # float32 even under a mixed-precision policy: a 16-bit softmax loses small
     # probabilities, and every consumer of the model expects float32 out.
-    return keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(features)
+    return keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name=OUTPUT_NAME)(features)
 
 
 def build_mlp(hidden_units: Sequence[int] = (120, 84), name: str = "mlp") -> keras.Model:
