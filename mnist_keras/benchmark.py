@@ -40,13 +40,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts, console
+from mnist_keras import archs, artifacts, console
 from mnist_keras import data as data_lib
 from mnist_keras import loop as loop_lib
 from mnist_keras import models
 from mnist_keras import strategy as strategy_lib
 from mnist_keras import train
-from mnist_keras.config import TRAIN_PRESETS, TRAIN_RECIPES, BenchmarkConfig, TrainConfig, config_to_dict, preset_config
+from mnist_keras.config import BenchmarkConfig, TrainConfig, config_to_dict, train_config
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,8 @@ def _cpu_model() -> str:
 
 
 def _train_config(config: BenchmarkConfig, arch: str, recipe: str = "default", **overrides) -> TrainConfig:
-    return preset_config(TrainConfig, TRAIN_PRESETS, arch, recipe=recipe, seed=config.seed,
-                         mixed_precision=config.mixed_precision, verbose=0, **overrides)
+    return train_config(arch, recipe=recipe, seed=config.seed,
+                        mixed_precision=config.mixed_precision, verbose=0, **overrides)
 
 
 def _default_path(train_config: TrainConfig, num_train_examples: int) -> tuple[keras.Model, loop_lib.TrainingLoop]:
@@ -537,7 +537,7 @@ def run(config: BenchmarkConfig, data: Optional[data_lib.MnistData] = None,
                     report["profile"].append(row)
             if arch == TIME_TO_ACCURACY_ARCH:
                 for recipe in config.recipes:
-                    if arch not in TRAIN_RECIPES[recipe]:
+                    if arch not in archs.with_recipe(recipe):
                         continue
                     row, trained = time_to_accuracy(config, recipe, data, load_seconds,
                                                     SMOKE_EPOCHS if config.smoke else None)

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from mnist_keras import __version__  # noqa: E402  (none of these imports TensorFlow)
+from mnist_keras import archs  # noqa: E402
 from mnist_keras import config as config_lib  # noqa: E402
 from mnist_keras import console, errors  # noqa: E402
 
@@ -163,14 +164,14 @@ def train_parser() -> argparse.ArgumentParser:
         "train",
         description="Train an MNIST model and write saved_models/<arch>/ (model.keras, config.json, "
                     "history.json, metrics.json, TensorBoard logs).")
-    config_lib.add_config_flags(parser, config_lib.TrainConfig, config_lib.TRAIN_PRESETS)
+    config_lib.add_config_flags(parser, config_lib.TrainConfig, archs.presets())
     return parser
 
 
 @_entry_point("train", train_parser)
 def train_main(args: argparse.Namespace) -> int:
     """`python scripts/train.py --arch cnn`"""
-    config = _config(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
+    config = _config(config_lib.TrainConfig, args, archs.presets())
     if config.workers > 1:
         return _launch_workers(args.argv, config)
 
@@ -266,18 +267,10 @@ def _print_export_table(result) -> None:
     print(f"Saved to {result.output_dir}")
 
 
-# The learning-rate seeds come from the training presets, so this text cannot drift from them.
-_PRESET_LR = {arch: f"{preset['learning_rate']:g}" for arch, preset in config_lib.TRAIN_PRESETS.items()}
-TUNE_SPACES_HELP = f"""\
+TUNE_SPACES_HELP = """\
 search spaces (every width and the learning rate sampled on a log scale; the
 seed, i.e. the fixed model with its preset learning rate, is always trial 1):
-  mlp        units_1, units_2 in [--min-units, --max-units]     seed 120, 84
-             learning_rate in [--min-learning-rate, --max-learning-rate]  seed {_PRESET_LR['mlp']}
-  mlp_small  units_1, units_2 in [--min-units, --max-units]     seed 50, 50
-             learning_rate                                       seed {_PRESET_LR['mlp_small']}
-  cnn        filters_1, filters_2 in [--min-filters, --max-filters]  seed 10, 20
-             dense_units in [--min-units, --max-units]           seed 50
-             learning_rate                                       seed {_PRESET_LR['cnn']}
+{spaces}
 The objective is validation accuracy on the split carved from the training set;
 the test set is used once, on the winner retrained on train+validation.
 Re-running the same command resumes an unfinished search. --workers N trains N
@@ -289,7 +282,8 @@ machines")."""
 
 def tune_parser() -> argparse.ArgumentParser:
     parser = _parser(
-        "tune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TUNE_SPACES_HELP,
+        "tune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TUNE_SPACES_HELP.format(spaces=archs.search_space_help()),
         description="Search layer sizes and the learning rate with keras-tuner; write saved_models/tune/<arch>/ "
                     "(tuner/, trials.json, best.json, and best/: the winner retrained like train.py).")
     config_lib.add_config_flags(parser, config_lib.TuneConfig)

@@ -19,6 +19,10 @@ class UsageError(Exception):
     """Input the package recognises as wrong (a flag, a data file, an output folder, a missing extra)."""
 
 
+class ConfigError(UsageError, ValueError):
+    """A configuration value is invalid. The message names the flag."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name when the message is empty)."""
     text = str(error).strip()

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mnist_keras import artifacts
+from mnist_keras import archs, artifacts
 from mnist_keras import data as data_lib
-from mnist_keras.config import ARCHITECTURES, EvaluateConfig, config_to_dict
+from mnist_keras.config import EvaluateConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ EXPORT_FILE = "export.json"
 # Keras clips probabilities to [1e-7, 1 - 1e-7] in its cross-entropy; the same here,
 # so that evaluation.json's loss matches metrics.json's.
 EPSILON = 1e-7
-
-# The figures the original tutorials report for these architectures.
-PUBLISHED = {
-    "mlp": {"accuracy": 0.97, "loss": 0.1778},
-    "mlp_small": {"accuracy": 0.97, "loss": 0.1778},
-    "cnn": {"accuracy": 0.99, "loss": 0.0341},
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationResult:
@@ -390,6 +382,13 @@ def _read_metrics(path: Path) -> dict:
     return metrics
 
 
+def _published(arch: str) -> dict:
+    """The figures the original tutorial reports for `arch` (None for an arch without any)."""
+    published = archs.get(arch).published if arch in archs.names() else None
+    return {"published_accuracy": published.accuracy if published else None,
+            "published_loss": published.loss if published else None}
+
+
 def collect_runs(models_dir: os.PathLike | str) -> list[dict]:
     """One row per finished run (a folder with metrics.json) directly under `models_dir`, known archs first."""
     models_dir = Path(models_dir)
@@ -407,13 +406,12 @@ def collect_runs(models_dir: os.PathLike | str) -> list[dict]:
             "arch": arch,
             **{key: kind(metrics[key]) for key, kind in _METRICS_COMPARED.items()},
             "int8_tflite_bytes": _int8_tflite_size(folder),
-            "published_accuracy": PUBLISHED.get(arch, {}).get("accuracy"),
-            "published_loss": PUBLISHED.get(arch, {}).get("loss"),
+            **_published(arch),
         })
     if not rows:
         raise artifacts.InputFileError(f"{models_dir}: no finished runs (no */{artifacts.METRICS_FILE}); "
                          f"train one first: scripts/train.py --arch cnn")
-    order = {arch: index for index, arch in enumerate(ARCHITECTURES)}
+    order = {arch: index for index, arch in enumerate(archs.names())}
     rows.sort(key=lambda row: (order.get(row["arch"], len(order)), row["run"]))
     return rows
 

@@ -1,20 +1,23 @@
-"""The three MNIST models, built with the Keras Functional API.
+"""The model builders, with the Keras Functional API.
 
 Every model takes a batch of 28x28 images with raw pixel values in [0, 255]
 (any numeric dtype; float32 inside) and returns class probabilities: the first
 layer rescales to [0, 1] and the last one is a softmax. Keeping the scaling in
 the model means exported SavedModels and TFLite files take raw pixels too.
 
-Parameter counts: mlp 105,214; mlp_small 42,310; cnn 21,840.
+The builders take every layer size as an argument: the architectures' own
+sizes, parameter counts and everything else about them are in `archs`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import keras
 
+from mnist_keras import archs
+from mnist_keras.errors import ConfigError
 from mnist_keras.constants import IMAGE_SHAPE as INPUT_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
 
@@ -40,8 +43,8 @@ def _classifier(features: keras.KerasTensor) -> keras.KerasTensor:
     return keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name=OUTPUT_NAME)(features)
 
 
-def build_mlp(hidden_units: Sequence[int] = (120, 84), name: str = "mlp") -> keras.Model:
-    """784 -> hidden_units... -> 10 with ReLU; the seed `mlp` is 784-120-84-10."""
+def build_mlp(hidden_units: Sequence[int], name: str = "mlp") -> keras.Model:
+    """784 -> hidden_units... -> 10 with ReLU."""
     hidden_units = _check_positive_ints("hidden_units", hidden_units)
     inputs, x = _inputs_and_scaled()
     x = keras.layers.Flatten(name="flatten")(x)
@@ -50,15 +53,10 @@ def build_mlp(hidden_units: Sequence[int] = (120, 84), name: str = "mlp") -> ker
     return keras.Model(inputs, _classifier(x), name=name)
 
 
-def build_mlp_small(hidden_units: Sequence[int] = (50, 50), name: str = "mlp_small") -> keras.Model:
-    """784 -> 50 -> 50 -> 10 with ReLU."""
-    return build_mlp(hidden_units, name=name)
-
-
 def build_cnn(
-    filters: Sequence[int] = (10, 20), kernel_size: int = 5, dense_units: int = 50, name: str = "cnn",
+    filters: Sequence[int], kernel_size: int, dense_units: int, name: str = "cnn",
 ) -> keras.Model:
-    """conv 10@5x5, pool 2x2, conv 20@5x5, pool 2x2, flatten (320), dense 50, dense 10; ReLU."""
+    """conv filters[0]@kxk, pool 2x2, conv filters[1]@kxk, pool 2x2, flatten, dense dense_units, dense 10; ReLU."""
     filters = _check_positive_ints("filters", filters, length=2)
     (kernel_size,) = _check_positive_ints("kernel_size", (kernel_size,))
     (dense_units,) = _check_positive_ints("dense_units", (dense_units,))
@@ -76,18 +74,13 @@ def build_cnn(
     return keras.Model(inputs, _classifier(x), name=name)
 
 
-MODEL_BUILDERS: dict[str, Callable[..., keras.Model]] = {
-    "mlp": build_mlp,
-    "mlp_small": build_mlp_small,
-    "cnn": build_cnn,
-}
-
-
-def build_model(arch: str, **hyperparameters) -> keras.Model:
-    """Build (not compile) the model for `arch`, optionally with other layer sizes."""
-    if arch not in MODEL_BUILDERS:
-        raise ValueError(f"`arch` must be one of {', '.join(MODEL_BUILDERS)}. Received: arch={arch!r}")
-    return MODEL_BUILDERS[arch](**hyperparameters)
+def build_model(arch: str, **arguments) -> keras.Model:
+    """Build (not compile) the registered architecture `arch`, optionally with other layer sizes."""
+    try:
+        spec = archs.get(arch)
+    except ConfigError:
+        raise ValueError(f"`arch` must be one of {', '.join(archs.names())}. Received: arch={arch!r}") from None
+    return spec.build(**arguments)
 
 
 @contextlib.contextmanager

@@ -22,12 +22,13 @@ from typing import Any, Callable, Optional
 
 import keras
 
-from mnist_keras import artifacts
+from mnist_keras import archs, artifacts
 from mnist_keras import data as data_lib
+from mnist_keras import config as config_lib
 from mnist_keras import train
 from mnist_keras.benchmark import environment
 from mnist_keras.config import (
-    TRAIN_PRESETS, TRAIN_RECIPES, ResultsConfig, TrainConfig, config_to_dict, preset_config)
+    ResultsConfig, TrainConfig, config_to_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ SMOKE_EPOCHS = 1
 
 def pairs(config: ResultsConfig) -> list[tuple[str, str]]:
     """(arch, recipe) for every requested recipe that the architecture defines, in table order."""
-    return [(arch, recipe) for arch in config.arch for recipe in config.recipes if arch in TRAIN_RECIPES[recipe]]
+    return [(arch, recipe) for arch in config.arch for recipe in config.recipes if arch in archs.with_recipe(recipe)]
 
 
 def train_config(arch: str, recipe: str, seed: int, smoke: bool = False) -> TrainConfig:
     """The config of `train.py --arch arch --recipe recipe --seed seed` (one epoch in smoke mode)."""
     overrides = {"epochs": SMOKE_EPOCHS} if smoke else {}
-    return preset_config(TrainConfig, TRAIN_PRESETS, arch, recipe=recipe, seed=seed, verbose=0, **overrides)
+    return config_lib.train_config(arch, recipe=recipe, seed=seed, verbose=0, **overrides)
 
 
 def summarise(arch: str, recipe: str, runs: list[dict]) -> dict:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import inspect
 import logging
 import os
 import shutil
@@ -44,13 +43,12 @@ import keras_tuner
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts
+from mnist_keras import archs, artifacts
 from mnist_keras import data as data_lib
 from mnist_keras import loop as loop_lib
-from mnist_keras import models
 from mnist_keras import strategy as strategy_lib
 from mnist_keras import train
-from mnist_keras.config import (TRAIN_PRESETS, ConfigError, TrainConfig, TuneConfig, config_to_dict,
+from mnist_keras.config import (ConfigError, TrainConfig, TuneConfig, config_to_dict,
                                 flag_name)
 
 logger = logging.getLogger(__name__)
@@ -94,69 +92,53 @@ class TuneResult:
 # ---------------------------------------------------------------------------
 
 
-def _builder_default(arch: str, argument: str) -> Any:
-    return inspect.signature(models.MODEL_BUILDERS[arch]).parameters[argument].default
-
-
 def seed_hyperparameters(arch: str) -> dict[str, Any]:
     """The fixed model's values as search hyperparameters, e.g. mlp_small: units_1=50, units_2=50, lr 1e-2."""
-    values: dict[str, Any] = {}
-    if arch == "cnn":
-        filters = _builder_default(arch, "filters")
-        values.update({f"filters_{index}": value for index, value in enumerate(filters, start=1)})
-        values["dense_units"] = _builder_default(arch, "dense_units")
-    else:
-        hidden_units = _builder_default(arch, "hidden_units")
-        values.update({f"units_{index}": value for index, value in enumerate(hidden_units, start=1)})
-    values["learning_rate"] = TRAIN_PRESETS[arch]["learning_rate"]
-    return values
+    return archs.get(arch).seed_values()
 
 
-def _bounds(config: TuneConfig, name: str) -> tuple[str, Any, Any]:
-    """(bound flags' stem, low, high) of hyperparameter `name`."""
-    if name.startswith("filters_"):
-        return "filters", config.min_filters, config.max_filters
-    if name == "learning_rate":
-        return "learning_rate", config.min_learning_rate, config.max_learning_rate
-    return "units", config.min_units, config.max_units
+def builder_arguments(arch: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Search values -> keyword arguments of `models.build_model(arch, ...)`."""
+    return archs.get(arch).builder_arguments(values)
+
+
+def _bounds(config: TuneConfig, hyperparameter: archs.Hyperparameter) -> tuple[Any, Any]:
+    """(low, high) of a hyperparameter: the values of its --min-<bounds>/--max-<bounds> flags."""
+    return getattr(config, f"min_{hyperparameter.bounds}"), getattr(config, f"max_{hyperparameter.bounds}")
 
 
 def check_search_space(config: TuneConfig) -> None:
     """The seed configuration must lie inside the bounds given by the flags."""
-    for name, seed in seed_hyperparameters(config.arch).items():
-        stem, low, high = _bounds(config, name)
+    spec = archs.get(config.arch)
+    seeds = spec.seed_values()
+    for hyperparameter in spec.hyperparameters():
+        (low, high), seed = _bounds(config, hyperparameter), seeds[hyperparameter.name]
         if not low <= seed <= high:
+            stem = hyperparameter.bounds
             raise ConfigError(
                 f"{flag_name('min_' + stem)}/{flag_name('max_' + stem)} must contain {config.arch}'s seed "
-                f"{name}={seed} (the fixed model is always a point of the search space). "
+                f"{hyperparameter.name}={seed} (the fixed model is always a point of the search space). "
                 f"Received: [{low}, {high}]")
 
 
 def declare_search_space(hp: keras_tuner.HyperParameters, config: TuneConfig) -> dict[str, Any]:
     """Declare the arch's hyperparameters on `hp` (defaults = seed) and return the chosen values."""
+    spec = archs.get(config.arch)
+    seeds = spec.seed_values()
     values = {}
-    for name, seed in seed_hyperparameters(config.arch).items():
-        _, low, high = _bounds(config, name)
-        if isinstance(seed, float):
-            values[name] = hp.Float(name, low, high, sampling="log", default=seed)
-        else:
-            values[name] = hp.Int(name, low, high, sampling="log", default=seed)
+    for hyperparameter in spec.hyperparameters():
+        name, seed = hyperparameter.name, seeds[hyperparameter.name]
+        declare = hp.Float if isinstance(seed, float) else hp.Int
+        values[name] = declare(name, *_bounds(config, hyperparameter), sampling="log", default=seed)
     return values
-
-
-def builder_arguments(arch: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Search values -> keyword arguments of `models.build_model(arch, ...)`."""
-    if arch == "cnn":
-        return {"filters": (int(values["filters_1"]), int(values["filters_2"])),
-                "dense_units": int(values["dense_units"])}
-    count = len(_builder_default(arch, "hidden_units"))
-    return {"hidden_units": tuple(int(values[f"units_{index}"]) for index in range(1, count + 1))}
 
 
 def search_space_summary(config: TuneConfig) -> list[dict]:
     """One row per hyperparameter: name, low, high, seed, sampling."""
-    return [{"name": name, "low": _bounds(config, name)[1], "high": _bounds(config, name)[2], "seed": seed,
-             "sampling": "log"} for name, seed in seed_hyperparameters(config.arch).items()]
+    spec = archs.get(config.arch)
+    seeds = spec.seed_values()
+    return [{"name": h.name, "low": _bounds(config, h)[0], "high": _bounds(config, h)[1], "seed": seeds[h.name],
+             "sampling": "log"} for h in spec.hyperparameters()]
 
 
 def trial_train_config(config: TuneConfig, learning_rate: float, epochs: int, **overrides) -> TrainConfig:

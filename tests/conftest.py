@@ -69,7 +69,7 @@ def trained_run_dirs(real_mnist, tmp_path_factory) -> dict:
     class Runs(dict):
         def __missing__(self, arch):
             folder = tmp_path_factory.mktemp("runs") / arch
-            config = config_lib.preset_config(config_lib.TrainConfig, config_lib.TRAIN_PRESETS, arch, verbose=0)
+            config = config_lib.train_config(arch, verbose=0)
             train.run(config, data=real_mnist, output_dir=folder)
             self[arch] = folder
             return folder

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mnist_keras import archs
 from mnist_keras import artifacts, benchmark, config as config_lib, data as data_lib, loop, models, train
 from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
 from tests.test_cli import assert_one_line_error, run_script
@@ -34,7 +35,7 @@ def test_smoke_benchmark_from_the_command_line(tmp_path):
     assert {"conv_1 (forward)", "conv_2 (backward)"} <= layers
     assert abs(sum(row["share"] for row in profile["ops"]) - 1) < 0.01
     (timed,) = report["time_to_accuracy"]
-    assert timed["recipe"] == "fast" and timed["batch_size"] == config_lib.TRAIN_RECIPES["fast"]["cnn"]["batch_size"]
+    assert timed["recipe"] == "fast" and timed["batch_size"] == archs.get("cnn").recipes["fast"]["batch_size"]
     assert 1 <= len(timed["test_accuracy_per_epoch"]) <= benchmark.SMOKE_EPOCHS
     assert timed["reached"] == (timed["seconds_to_target"] is not None)
     formats = [row["format"] for row in report["inference"]]
@@ -97,18 +98,18 @@ def test_benchmark_config_is_validated():
 def test_recipe_overrides_the_preset_and_flags_override_the_recipe():
     parser = __import__("mnist_keras.cli", fromlist=["train_parser"]).train_parser()
     fast = config_lib.config_from_flags(TrainConfig, parser.parse_args(["--recipe", "fast"]),
-                                        config_lib.TRAIN_PRESETS)
+                                        archs.presets())
     assert fast.recipe == "fast"
-    for name, value in config_lib.TRAIN_RECIPES["fast"]["cnn"].items():
+    for name, value in archs.get("cnn").recipes["fast"].items():
         assert getattr(fast, name) == value
     mine = config_lib.config_from_flags(TrainConfig, parser.parse_args(["--recipe", "fast", "--epochs", "7"]),
-                                        config_lib.TRAIN_PRESETS)
+                                        archs.presets())
     assert mine.epochs == 7
-    default = config_lib.config_from_flags(TrainConfig, parser.parse_args([]), config_lib.TRAIN_PRESETS)
-    assert default.recipe == "default" and default.epochs == config_lib.TRAIN_PRESETS["cnn"]["epochs"]
+    default = config_lib.config_from_flags(TrainConfig, parser.parse_args([]), archs.presets())
+    assert default.recipe == "default" and default.epochs == archs.presets()["cnn"]["epochs"]
     with pytest.raises(ConfigError, match="--recipe fast is defined for cnn only"):
         config_lib.config_from_flags(TrainConfig, parser.parse_args(["--recipe", "fast", "--arch", "mlp"]),
-                                     config_lib.TRAIN_PRESETS)
+                                     archs.presets())
 
 
 def test_random_shift_moves_each_image_by_whole_pixels():
@@ -153,7 +154,7 @@ def test_mixed_precision_keeps_float32_probabilities(tiny_mnist):
 @pytest.mark.slow
 def test_fast_recipe_reaches_99_percent(real_mnist):
     """Costs 4 CNN epochs (about 20-25 s on 2 quiet cores). Measured: .9911 (seed 1), .9907 (seed 2)."""
-    config = config_lib.preset_config(TrainConfig, config_lib.TRAIN_PRESETS, "cnn", recipe="fast", verbose=0)
+    config = config_lib.train_config("cnn", recipe="fast", verbose=0)
     result = train.run(config, data=real_mnist)
     assert result.metrics["epochs"] == 4 and result.metrics["recipe"] == "fast"
     assert result.metrics["test_accuracy"] >= 0.99, result.metrics

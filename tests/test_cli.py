@@ -91,6 +91,7 @@ def test_dry_run_from_the_command_line_is_quiet(tmp_path):
 
 # -- flags every command has -------------------------------------------------------------------------
 
+from mnist_keras import archs
 from mnist_keras import __version__, cli  # noqa: E402
 from mnist_keras import config as config_lib  # noqa: E402
 
@@ -112,7 +113,7 @@ def test_version_and_usage_name_on_every_command(command, capsys, monkeypatch):
 
 def test_help_shows_every_arch_default_of_a_preset_flag():
     text = " ".join(cli.train_parser().format_help().split())
-    for arch, preset in config_lib.TRAIN_PRESETS.items():
+    for arch, preset in archs.presets().items():
         warmup = preset.get("warmup_epochs", config_lib.TrainConfig.warmup_epochs)
         assert f"{arch} {warmup}" in text.split("WARMUP_EPOCHS Epochs", 1)[1].split("--", 1)[0]
 
@@ -124,12 +125,12 @@ def test_cnn_is_the_default_arch_everywhere():
 
 
 def test_config_file_fills_in_and_explicit_flags_win(tmp_path):
-    saved = config_lib.preset_config(config_lib.TrainConfig, config_lib.TRAIN_PRESETS, "mlp_small", epochs=3,
+    saved = config_lib.train_config("mlp_small", epochs=3,
                                      seed=7, overwrite=True, output_dir="somewhere")
     path = tmp_path / "config.json"
     path.write_text(__import__("json").dumps({**config_lib.config_to_dict(saved), "hyperparameters": {}}))
     args = cli.train_parser().parse_args(["--config", str(path), "--seed", "9", "--output-dir", "X"])
-    config = cli._config(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
+    config = cli._config(config_lib.TrainConfig, args, archs.presets())
     assert config == __import__("dataclasses").replace(saved, seed=9, output_dir="X", overwrite=False)
 
 

@@ -3,14 +3,15 @@ import dataclasses
 
 import pytest
 
+from mnist_keras import archs
 from mnist_keras import config as config_lib
 from mnist_keras.config import ConfigError, TrainConfig
 
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    config_lib.add_config_flags(parser, TrainConfig, config_lib.TRAIN_PRESETS)
-    return config_lib.config_from_flags(TrainConfig, parser.parse_args(argv), config_lib.TRAIN_PRESETS)
+    config_lib.add_config_flags(parser, TrainConfig, archs.presets())
+    return config_lib.config_from_flags(TrainConfig, parser.parse_args(argv), archs.presets())
 
 
 def test_every_field_has_a_flag():
@@ -22,7 +23,7 @@ def test_every_field_has_a_flag():
 
 
 def test_presets_fill_in_per_arch_defaults():
-    for arch, preset in config_lib.TRAIN_PRESETS.items():
+    for arch, preset in archs.presets().items():
         config = parse(["--arch", arch])
         for key, value in preset.items():
             assert getattr(config, key) == value
@@ -31,7 +32,7 @@ def test_presets_fill_in_per_arch_defaults():
 def test_flags_override_presets():
     config = parse(["--arch", "mlp", "--epochs", "3", "--devices", "/cpu:0,/cpu:1", "--overwrite"])
     assert (config.arch, config.epochs, config.devices, config.overwrite) == ("mlp", 3, ("/cpu:0", "/cpu:1"), True)
-    assert config.batch_size == config_lib.TRAIN_PRESETS["mlp"]["batch_size"]
+    assert config.batch_size == archs.presets()["mlp"]["batch_size"]
 
 
 def test_config_is_frozen_and_round_trips():

@@ -1,19 +1,19 @@
 import numpy as np
 import pytest
 
-from mnist_keras import config, models
-
-EXPECTED_PARAMETERS = {"mlp": 105_214, "mlp_small": 42_310, "cnn": 21_840}
+from mnist_keras import archs, models
 
 
-def test_architecture_names_match_config():
-    assert tuple(models.MODEL_BUILDERS) == config.ARCHITECTURES == tuple(EXPECTED_PARAMETERS)
+def test_the_product_specification_is_registered():
+    # The three models the package promises, exactly as specified (layers, parameters, optimizer rate).
+    registered = {spec.name: (spec.parameters, spec.preset["learning_rate"]) for spec in archs.specs()}
+    assert registered == {"mlp": (105_214, 1e-3), "mlp_small": (42_310, 1e-2), "cnn": (21_840, 6e-3)}
 
 
-@pytest.mark.parametrize("arch", list(models.MODEL_BUILDERS))
+@pytest.mark.parametrize("arch", archs.names())
 def test_parameter_counts_and_outputs(arch):
     model = models.build_model(arch)
-    assert model.count_params() == EXPECTED_PARAMETERS[arch]
+    assert model.count_params() == archs.get(arch).parameters
     pixels = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28)).astype("float32")
     probabilities = np.asarray(model(pixels))
     assert probabilities.shape == (3, 10)
@@ -21,7 +21,7 @@ def test_parameter_counts_and_outputs(arch):
     assert (probabilities >= 0).all()
 
 
-@pytest.mark.parametrize("arch", list(models.MODEL_BUILDERS))
+@pytest.mark.parametrize("arch", archs.names())
 def test_every_layer_is_named_and_scaling_is_inside(arch):
     model = models.build_model(arch)
     names = [layer.name for layer in model.layers]

@@ -27,7 +27,7 @@ EPOCHS = 3
 
 
 def cnn_config(**overrides):
-    return config_lib.preset_config(config_lib.TrainConfig, config_lib.TRAIN_PRESETS, "cnn",
+    return config_lib.train_config("cnn",
                                     epochs=EPOCHS, verbose=0, **overrides)
 
 

@@ -46,7 +46,7 @@ def test_each_row_trains_as_train_py_would(tiny_mnist):
     direct = train.run(results.train_config("mlp_small", "default", 4, smoke=True), data=tiny_mnist)
     assert row["test_accuracy"] == [direct.metrics["test_accuracy"]]
     # Outside smoke mode: exactly `train.py --arch mlp_small --seed 4 --verbose 0`.
-    preset = config_lib.preset_config(config_lib.TrainConfig, config_lib.TRAIN_PRESETS, "mlp_small", seed=4)
+    preset = config_lib.train_config("mlp_small", seed=4)
     assert results.train_config("mlp_small", "default", 4) == dataclasses.replace(preset, verbose=0)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras.config import TRAIN_PRESETS
+from mnist_keras import archs
 from mnist_keras import artifacts, cli, loop, models, tune
 from mnist_keras import data as data_lib
 from mnist_keras.config import ConfigError, TuneConfig
@@ -173,7 +173,7 @@ def test_hyperband_continues_a_trial_from_its_parent(small_data, tmp_path):
 def test_seeds_are_the_fixed_models_and_inside_the_default_space():
     assert tune.seed_hyperparameters("mlp") == {"units_1": 120, "units_2": 84, "learning_rate": 1e-3}
     assert tune.seed_hyperparameters("cnn") == {"filters_1": 10, "filters_2": 20, "dense_units": 50,
-                                                "learning_rate": TRAIN_PRESETS["cnn"]["learning_rate"]}
+                                                "learning_rate": archs.get("cnn").preset["learning_rate"]}
     for arch in ("mlp", "mlp_small", "cnn"):
         tune.check_search_space(TuneConfig(arch=arch))
         assert models.build_model(arch, **tune.builder_arguments(arch, tune.seed_hyperparameters(arch))
