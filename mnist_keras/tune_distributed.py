@@ -12,7 +12,7 @@ nothing; when every tuner has been told that no trial is left, it goes on with
 `tune.run`'s steps: `trials.json`, the winner retrained, `best.json`. So the
 run-level files have one writer. Tuners ask the oracle for trials, train them
 and report back; the oracle notes which tuner ran each trial and its wall time
-(`tune._SearchOracle`), so the records are complete wherever the trials ran.
+(`tuner._SearchOracle`), so the records are complete wherever the trials ran.
 
 What this adds to keras-tuner's loop, whose client waits an hour per call and
 whose chief waits for a silent tuner forever:
@@ -254,6 +254,7 @@ def run_tuner(config: TuneConfig, output_dir: Path | str, role: Role, data=None,
     from keras_tuner.src.distribute import oracle_client
 
     from mnist_keras import tune
+    from mnist_keras import tuner as tuner_lib
 
     strategy = tune.trial_strategy(config, strategy)
     stub = connect(role, config.worker_timeout)
@@ -262,7 +263,8 @@ def run_tuner(config: TuneConfig, output_dir: Path | str, role: Role, data=None,
     data = dataclasses.replace(data, x_test=data.x_test[:0], y_test=data.y_test[:0])
     oracle_client.TIMEOUT = config.worker_timeout  # keras-tuner's deadline for every call to the chief: 1 hour
     # keras-tuner sees the variables and makes this tuner's oracle a client of the chief's.
-    tuner = tune.make_tuner(config, tune.MnistHyperModel(config, strategy, len(data.x_train)), Path(output_dir))
+    tuner = tuner_lib.make_tuner(config, tuner_lib.MnistHyperModel(config, strategy, len(data.x_train)),
+                                 Path(output_dir))
     lost = threading.Event()
     tuner.trial_context = lambda trial: heartbeat(stub, trial.trial_id, config.worker_timeout, lost)
     logger.info("%s: connected to the oracle chief at %s", role.tuner_id, role.address)

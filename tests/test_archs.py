@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import archs, cli, evaluate, export, models, train, tune
+from mnist_keras import tune_space
 from mnist_keras import config as config_lib
 from mnist_keras.constants import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
@@ -101,4 +102,4 @@ def test_every_spec_is_consistent_with_its_builder(arch):
     seeded = models.build_model(arch, **spec.builder_arguments(spec.seed_values()))
     assert seeded.count_params() == spec.parameters
     assert spec.seed_values()["learning_rate"] == spec.preset["learning_rate"]
-    tune.check_search_space(config_lib.TuneConfig(arch=arch))
+    tune_space.check_search_space(config_lib.TuneConfig(arch=arch))

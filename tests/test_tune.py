@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import archs
+from mnist_keras import tune_space
 from mnist_keras import artifacts, cli, loop, models, tune
 from mnist_keras import data as data_lib
 from mnist_keras.config import ConfigError, TuneConfig
@@ -64,7 +65,7 @@ def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data)
     assert metrics["test_accuracy"] == retrained["test_accuracy"] and metrics["validation_examples"] == 0
 
     # The run folder is an ordinary one: its model loads and has the winner's layer sizes.
-    sizes = tune.builder_arguments("mlp_small", best["best_trial"]["hyperparameters"])
+    sizes = tune_space.builder_arguments("mlp_small", best["best_trial"]["hyperparameters"])
     run_config = json.loads((folder / "best/config.json").read_text())
     assert run_config["hyperparameters"] == {"hidden_units": list(sizes["hidden_units"])}
     assert run_config["learning_rate"] == best["best_trial"]["hyperparameters"]["learning_rate"]
@@ -136,6 +137,17 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert tune.prepare_search_dir(folder, tiny_tune_config(epochs=2, overwrite=True)) is False
 
 
+def test_overwrite_removes_the_search_and_keeps_the_users_files(tmp_path):
+    folder = tmp_path / "search"
+    tune.prepare_search_dir(folder, tiny_tune_config())
+    (folder / "best.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(artifacts.OutputExistsError, match="holds a finished search; pass --overwrite"):
+        tune.prepare_search_dir(folder, tiny_tune_config())
+    assert tune.prepare_search_dir(folder, tiny_tune_config(overwrite=True)) is False
+    assert not (folder / "best.json").exists() and (folder / "notes.txt").read_text() == "mine"
+
+
 def test_foreign_folder_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(artifacts.OutputExistsError, match="not a search folder"):
@@ -171,20 +183,20 @@ def test_hyperband_continues_a_trial_from_its_parent(small_data, tmp_path):
 
 
 def test_seeds_are_the_fixed_models_and_inside_the_default_space():
-    assert tune.seed_hyperparameters("mlp") == {"units_1": 120, "units_2": 84, "learning_rate": 1e-3}
-    assert tune.seed_hyperparameters("cnn") == {"filters_1": 10, "filters_2": 20, "dense_units": 50,
+    assert tune_space.seed_hyperparameters("mlp") == {"units_1": 120, "units_2": 84, "learning_rate": 1e-3}
+    assert tune_space.seed_hyperparameters("cnn") == {"filters_1": 10, "filters_2": 20, "dense_units": 50,
                                                 "learning_rate": archs.get("cnn").preset["learning_rate"]}
     for arch in ("mlp", "mlp_small", "cnn"):
-        tune.check_search_space(TuneConfig(arch=arch))
-        assert models.build_model(arch, **tune.builder_arguments(arch, tune.seed_hyperparameters(arch))
+        tune_space.check_search_space(TuneConfig(arch=arch))
+        assert models.build_model(arch, **tune_space.builder_arguments(arch, tune_space.seed_hyperparameters(arch))
                                   ).count_params() == models.build_model(arch).count_params()
 
 
 def test_search_space_flag_that_excludes_the_seed_is_one_line():
     with pytest.raises(ConfigError, match=r"--min-units/--max-units must contain mlp_small's seed units_1=50"):
-        tune.check_search_space(TuneConfig(arch="mlp_small", min_units=64))
+        tune_space.check_search_space(TuneConfig(arch="mlp_small", min_units=64))
     with pytest.raises(ConfigError, match="--min-filters/--max-filters"):
-        tune.check_search_space(TuneConfig(arch="cnn", max_filters=16))
+        tune_space.check_search_space(TuneConfig(arch="cnn", max_filters=16))
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -212,7 +224,7 @@ def test_help_shows_the_search_spaces():
         start = next(i for i, line in enumerate(epilog) if line.strip().startswith(arch + " "))
         block = [epilog[start]] + [line for line in epilog[start + 1:start + 3] if line.startswith(" " * 13)]
         shown = [float(value) for line in block for value in line.split("seed ")[1].split(", ")]
-        assert shown == list(tune.seed_hyperparameters(arch).values()), block
+        assert shown == list(tune_space.seed_hyperparameters(arch).values()), block
 
 
 @pytest.mark.slow

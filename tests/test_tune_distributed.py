@@ -18,6 +18,8 @@ import psutil
 import pytest
 
 from mnist_keras import launch, tune, tune_distributed
+from mnist_keras import tuner
+from mnist_keras import tune_space
 from mnist_keras.config import ConfigError, TuneConfig
 from tests.conftest import REPO_ROOT
 from tests.test_multi_worker import env_with, write_npz
@@ -106,18 +108,18 @@ def test_launcher_takes_per_worker_variables_and_names(tmp_path):
 @pytest.fixture()
 def oracle(tmp_path):
     config = TuneConfig(arch="mlp_small", max_trials=3, epochs=1)
-    oracle = tune._RandomOracle(config, max_trials=3, seed=1,
-                                objective=keras_tuner.Objective(tune.OBJECTIVE, direction="max"))
+    oracle = tuner._RandomOracle(config, max_trials=3, seed=1,
+                                objective=keras_tuner.Objective(tuner.OBJECTIVE, direction="max"))
     oracle._set_project_dir(str(tmp_path), "tuner")
     oracle.verbose = 0
     space = oracle.get_space()
-    tune.declare_search_space(space, config)
+    tune_space.declare_search_space(space, config)
     oracle.update_space(space)
     return oracle
 
 
 def finish(oracle, trial, accuracy=0.5):
-    oracle.update_trial(trial.trial_id, {tune.OBJECTIVE: accuracy})
+    oracle.update_trial(trial.trial_id, {tuner.OBJECTIVE: accuracy})
     trial.status = "COMPLETED"
     oracle.end_trial(trial)
 
@@ -144,7 +146,7 @@ def test_a_silent_tuners_trial_goes_to_the_next_tuner_that_asks(oracle):
 
 def test_max_trials_holds_across_tuners_and_the_seed_is_first(oracle):
     trials = [oracle.create_trial(f"tuner{i % 2}") for i in range(2)]
-    assert trials[0].hyperparameters.values == tune.seed_hyperparameters("mlp_small")
+    assert trials[0].hyperparameters.values == tune_space.seed_hyperparameters("mlp_small")
     for trial in trials:
         finish(oracle, trial)
     third = oracle.create_trial("tuner0")
