@@ -116,66 +116,103 @@ def run(
     """
     hyperparameters = dict(hyperparameters or {})
     started = time.perf_counter()
-    if output_dir is not None and not config.dry_run:
+    writes = output_dir is not None and not config.dry_run
+    if writes:
         artifacts.check_run_dir(output_dir, overwrite=config.overwrite)  # Errors first, before any start-up line.
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
-    chief = strategy_lib.is_chief(strategy)
-    worker = strategy_lib.worker_index(strategy)
+    config, data = training_data(config, data)
+    # Created (and marked as a run folder) once the data is known good: bad data leaves nothing behind.
+    run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite) if (
+        writes and strategy_lib.is_chief(strategy)) else None
 
+    keras.utils.set_random_seed(config.seed)
+    model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
+    watchdog = stall_watchdog(config, strategy, on_stall)
+    training = training_loop(config, model, strategy, heartbeat=watchdog.tick if watchdog is not None else None)
+    # Every worker takes part in backups (saving reads variables through collectives); only the
+    # chief's lands in the run folder.
+    backup = backup_lib.EpochBackup(model, strategy, output_dir, chief=run_dir is not None,
+                                    worker=strategy_lib.worker_index(strategy) or 0) if writes else None
+    initial_epoch = backup.restore() if backup is not None else 0
+    epoch_callbacks = [*run_callbacks(config, strategy, data, output_dir if writes else None, run_dir, backup),
+                       *callbacks]
+    # The watchdog guards every step that needs the other workers: training, backups, the test set.
+    with watchdog if watchdog is not None else contextlib.nullcontext():
+        history, train_seconds = train_model(config, training, data, initial_epoch, epoch_callbacks, backup)
+        test = training.evaluate(data.x_test, data.y_test)
+    if backup is not None:
+        history = backup.history  # every epoch, including those before a resume
+
+    metrics = run_metrics(config, model, data, strategy, test, initial_epoch, train_seconds,
+                          time.perf_counter() - started, hyperparameters)
+    logger.info("Test accuracy %.4f, loss %.4f, training %.1f s",
+                metrics["test_accuracy"], metrics["test_loss"], train_seconds)
+    if run_dir is not None:
+        write_run(run_dir, model, config, history, metrics, hyperparameters)
+    if backup is not None:
+        backup.remove()
+    exported = export_run(run_dir, config, data) if run_dir is not None and config.export else None
+    return TrainResult(model, history, metrics, config, run_dir, exported)
+
+
+def training_data(config: TrainConfig, data: Optional[data_lib.MnistData]) -> tuple[TrainConfig, data_lib.MnistData]:
+    """The run's data (loaded per `config` unless given); a dry run's few batches and its one epoch."""
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, config.validation_size, config.seed)
     if config.dry_run:
         data = _dry_run_subset(data, config.batch_size)
         config = dataclasses.replace(config, epochs=1)
     logger.debug(data.summary())
-    run_dir = None
-    if output_dir is not None and not config.dry_run and chief:
-        # Created (and marked as a run folder) once the data is known good: bad data leaves nothing behind.
-        run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite)
+    return config, data
 
-    keras.utils.set_random_seed(config.seed)
-    model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
-    watchdog = None
-    if worker is not None and config.stall_timeout > 0:
-        watchdog = watchdog_lib.StepWatchdog(config.stall_timeout, on_stall)
-    training = training_loop(config, model, strategy, heartbeat=watchdog.tick if watchdog is not None else None)
 
-    # Every worker takes part in backups (saving reads variables through collectives); only the
-    # chief's lands in the run folder.
-    backup = None
-    initial_epoch = 0
-    if output_dir is not None and not config.dry_run:
-        backup = backup_lib.EpochBackup(model, strategy, output_dir, chief=chief, worker=worker or 0)
-        initial_epoch = backup.restore()
-    epoch_callbacks: list = [backup] if backup is not None else []
-    if output_dir is not None and not config.dry_run:
-        epoch_callbacks.append(resources_lib.ResourceLog(
-            Path(output_dir) / artifacts.LOGS_DIR / resources_lib.resources_file(worker),
+def stall_watchdog(config: TrainConfig, strategy: tf.distribute.Strategy,
+                   on_stall: Callable[[float], None]) -> Optional[watchdog_lib.StepWatchdog]:
+    """Under multi-worker training, the watchdog that ends a run whose peers stopped answering."""
+    if strategy_lib.worker_index(strategy) is None or config.stall_timeout <= 0:
+        return None
+    return watchdog_lib.StepWatchdog(config.stall_timeout, on_stall)
+
+
+def run_callbacks(config: TrainConfig, strategy: tf.distribute.Strategy, data: data_lib.MnistData,
+                  output_dir: Optional[Path | str], run_dir: Optional[Path],
+                  backup: Optional[backup_lib.EpochBackup]) -> list:
+    """The package's own epoch callbacks: the backup, the resource log (every worker), TensorBoard (chief)."""
+    callbacks: list = []
+    if backup is not None:
+        callbacks.append(backup)
+    if output_dir is not None:
+        callbacks.append(resources_lib.ResourceLog(
+            Path(output_dir) / artifacts.LOGS_DIR / resources_lib.resources_file(strategy_lib.worker_index(strategy)),
             data_lib.steps_per_epoch(len(data.x_train), config.batch_size)))
     if run_dir is not None:
-        epoch_callbacks.append(EpochScalars(run_dir / artifacts.LOGS_DIR))
-    epoch_callbacks.extend(callbacks)
-    validation = (data.x_val, data.y_val) if len(data.x_val) else None
-    train_started = time.perf_counter()
-    # The watchdog guards every step that needs the other workers: training, backups, the test set.
-    with watchdog if watchdog is not None else contextlib.nullcontext():
-        try:
-            history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
-                                   validation_data=validation, initial_epoch=initial_epoch,
-                                   callbacks=epoch_callbacks, verbose=config.verbose,
-                                   augmentation=augmentation(config))
-        finally:
-            if backup is not None:
-                backup.discard_worker_copy()
-        # With an EMA of the weights, the model ends with the average (a no-op otherwise).
-        model.optimizer.finalize_variable_values(model.trainable_variables)
-        train_seconds = time.perf_counter() - train_started
-        test = training.evaluate(data.x_test, data.y_test)
-    if backup is not None:
-        history = backup.history  # every epoch, including those before a resume
+        callbacks.append(EpochScalars(run_dir / artifacts.LOGS_DIR))
+    return callbacks
 
+
+def train_model(config: TrainConfig, training: loop_lib.TrainingLoop, data: data_lib.MnistData, initial_epoch: int,
+                callbacks: list, backup: Optional[backup_lib.EpochBackup]) -> tuple[dict, float]:
+    """Fit from `initial_epoch`; end with the averaged weights when an EMA is kept. Returns history, seconds."""
+    validation = (data.x_val, data.y_val) if len(data.x_val) else None
+    started = time.perf_counter()
+    try:
+        history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
+                               validation_data=validation, initial_epoch=initial_epoch,
+                               callbacks=callbacks, verbose=config.verbose, augmentation=augmentation(config))
+    finally:
+        if backup is not None:
+            backup.discard_worker_copy()
+    # With an EMA of the weights, the model ends with the average (a no-op otherwise).
+    training.model.optimizer.finalize_variable_values(training.model.trainable_variables)
+    return history, time.perf_counter() - started
+
+
+def run_metrics(config: TrainConfig, model: keras.Model, data: data_lib.MnistData, strategy: tf.distribute.Strategy,
+                test: dict, initial_epoch: int, train_seconds: float, total_seconds: float,
+                hyperparameters: Mapping[str, Any]) -> dict:
+    """metrics.json: the test figures, how the run trained, on what, and with which versions."""
     metrics = {
         "arch": config.arch,
         "test_accuracy": test["accuracy"],
@@ -186,7 +223,7 @@ def run(
         "recipe": config.recipe,
         "dtype_policy": model.dtype_policy.name,
         "train_seconds": round(train_seconds, 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
+        "total_seconds": round(total_seconds, 2),
         "parameters": model.count_params(),
         "train_examples": len(data.x_train),
         "validation_examples": len(data.x_val),
@@ -200,17 +237,8 @@ def run(
         "python_version": platform.python_version(),
     }
     if hyperparameters:
-        metrics["hyperparameters"] = hyperparameters
-    logger.info("Test accuracy %.4f, loss %.4f, training %.1f s",
-                metrics["test_accuracy"], metrics["test_loss"], train_seconds)
-    exported = None
-    if run_dir is not None:
-        write_run(run_dir, model, config, history, metrics, hyperparameters)
-    if backup is not None:
-        backup.remove()
-    if run_dir is not None and config.export:
-        exported = export_run(run_dir, config, data)
-    return TrainResult(model, history, metrics, config, run_dir, exported)
+        metrics["hyperparameters"] = dict(hyperparameters)
+    return metrics
 
 
 def export_run(run_dir: Path, config: TrainConfig, data: data_lib.MnistData) -> export_lib.ExportResult:
