@@ -91,6 +91,15 @@ def data_dir_option():
     return option(None, _DATA_DIR_HELP, metavar="DIR")
 
 
+def devices_option():
+    return option((), "Comma-separated devices for one_device/mirrored, e.g. /gpu:0,/gpu:1.", metavar="DEV[,DEV...]")
+
+
+def output_dir_option(help: str):
+    """--output-dir: where the job writes; `help` says what goes there and the default folder."""
+    return option(None, help, metavar="DIR")
+
+
 def check_data_options(config: Any) -> None:
     check_choice("data_source", config.data_source, DATA_SOURCES)
 

@@ -7,9 +7,8 @@ from typing import Optional
 
 from mnist_keras import archs
 from mnist_keras.config.fields import (
-    DATA_SOURCES, INT8_IO_TYPES, LR_SCHEDULES, MODELS_ROOT, STRATEGIES, TFLITE_VARIANTS, TUNE_STRATEGIES, TUNERS,
-    arch_list_option, arch_option, check_arch, check_choice, check_choices, check_data_options, check_range,
-    data_dir_option, data_source_option, option, recipe_list_option)
+    MODELS_ROOT, arch_list_option, arch_option, check_arch, check_choices, check_data_options, check_range,
+    data_dir_option, data_source_option, option, output_dir_option, recipe_list_option)
 from mnist_keras.errors import ConfigError
 
 
@@ -32,8 +31,8 @@ class BenchmarkConfig:
     seed: int = option(1, "Random seed for weights, the validation split and shuffling.")
     data_source: str = data_source_option()
     data_dir: Optional[str] = data_dir_option()
-    output_dir: Optional[str] = option(None, "Folder for benchmark.json and the exported models. "
-                                       "Default: saved_models/benchmark.", metavar="DIR")
+    output_dir: Optional[str] = output_dir_option("Folder for benchmark.json and the exported models. "
+                                       "Default: saved_models/benchmark.")
     overwrite: bool = option(False, "Replace an existing benchmark in the output folder.")
     smoke: bool = option(False, "Seconds-long check of the whole benchmark on tiny synthetic data "
                          "(its figures mean nothing).")
@@ -80,8 +79,8 @@ class ResultsConfig:
                         "or both.", metavar="SEEDS")
     data_source: str = data_source_option()
     data_dir: Optional[str] = data_dir_option()
-    output_dir: Optional[str] = option(None, "Folder for results.json and results.md. "
-                                       "Default: saved_models/results.", metavar="DIR")
+    output_dir: Optional[str] = output_dir_option("Folder for results.json and results.md. "
+                                       "Default: saved_models/results.")
     overwrite: bool = option(False, "Replace earlier results in the output folder.")
     smoke: bool = option(False, "Seconds-long check of the whole command on tiny synthetic data, one epoch "
                          "per run (its figures mean nothing).")
@@ -111,8 +110,8 @@ class EvaluateConfig:
     compare: bool = option(False, "Compare every finished run under --models-dir: write comparison.md and "
                            "comparison.png there.")
     models_dir: str = option(MODELS_ROOT, "Folder holding the run folders.", metavar="DIR")
-    output_dir: Optional[str] = option(None, "Where the evaluation goes. Default: the run folder holding the model "
-                                       "(for a SavedModel or .tflite: evaluation-<name>/ beside it).", metavar="DIR")
+    output_dir: Optional[str] = output_dir_option("Where the evaluation goes. Default: the run folder holding the model "
+                                       "(for a SavedModel or .tflite: evaluation-<name>/ beside it).")
     misclassified: int = option(25, "Worst mistakes shown in misclassified.png.")
     batch_size: int = option(1000, "Images per prediction batch.")
     data_source: str = data_source_option()

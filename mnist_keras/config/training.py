@@ -7,9 +7,9 @@ from typing import Optional
 
 from mnist_keras import archs
 from mnist_keras.config.fields import (
-    DATA_SOURCES, INT8_IO_TYPES, LR_SCHEDULES, MODELS_ROOT, STRATEGIES, TFLITE_VARIANTS, TUNE_STRATEGIES, TUNERS,
-    arch_list_option, arch_option, check_arch, check_choice, check_choices, check_data_options, check_range,
-    data_dir_option, data_source_option, option, recipe_list_option)
+    INT8_IO_TYPES, LR_SCHEDULES, STRATEGIES, TFLITE_VARIANTS, TUNERS, TUNE_STRATEGIES, arch_option, check_arch,
+    check_choice, check_data_options, check_range, data_dir_option, data_source_option, devices_option, option,
+    output_dir_option)
 from mnist_keras.errors import ConfigError
 
 
@@ -31,11 +31,10 @@ class TrainConfig:
     strategy: str = option("auto", "tf.distribute strategy. auto: multi_worker when TF_CONFIG names "
                            "several workers, mirrored when several GPUs are visible, else default.",
                            choices=STRATEGIES)
-    devices: tuple = option((), "Comma-separated devices for one_device/mirrored, e.g. /gpu:0,/gpu:1.",
-                            metavar="DEV[,DEV...]")
+    devices: tuple = devices_option()
     data_source: str = data_source_option()
     data_dir: Optional[str] = data_dir_option()
-    output_dir: Optional[str] = option(None, "Run folder. Default: saved_models/<arch>.", metavar="DIR")
+    output_dir: Optional[str] = output_dir_option("Run folder. Default: saved_models/<arch>.")
     workers: int = option(1, "Start this many worker processes on local loopback ports and train with "
                           "multi_worker across them (each runs this same command with TF_CONFIG set).")
     stall_timeout: float = option(300.0, "multi_worker: a worker that finishes no training or evaluation step "
@@ -102,7 +101,7 @@ class ExportConfig:
                        "(ignored with --model).")
     model: Optional[str] = option(None, "The .keras file (or run folder) to export. "
                                   "Default: saved_models/<arch>/model.keras.", metavar="PATH")
-    output_dir: Optional[str] = option(None, "Export folder. Default: export/ beside the model.", metavar="DIR")
+    output_dir: Optional[str] = output_dir_option("Export folder. Default: export/ beside the model.")
     tflite: tuple = option(TFLITE_VARIANTS, "Comma-separated TFLite variants to write, among "
                            f"{', '.join(TFLITE_VARIANTS)} (\"\" for none).", metavar="VARIANT[,...]")
     int8_io: str = option("int8", "Input and output type of the full-integer TFLite model.",
@@ -151,10 +150,10 @@ class TuneConfig:
     batch_size: int = option(128, "Global batch size (split across all replicas).")
     lr_schedule: str = option("cosine", "Learning-rate schedule of every trial.", choices=LR_SCHEDULES)
     warmup_epochs: float = option(0.5, "Epochs of linear learning-rate warmup (cosine schedule only).")
-    min_units: int = option(16, "Smallest width of a tuned dense layer (MLP hidden layers, CNN dense layer).")
+    min_units: int = option(16, archs.bounds_help("units", "Smallest width of a tuned dense layer"))
     max_units: int = option(512, "Largest width of a tuned dense layer.")
-    min_filters: int = option(4, "Fewest filters of a tuned CNN convolution.")
-    max_filters: int = option(64, "Most filters of a tuned CNN convolution.")
+    min_filters: int = option(4, archs.bounds_help("filters", "Fewest filters of a tuned convolution"))
+    max_filters: int = option(64, "Most filters of a tuned convolution.")
     min_learning_rate: float = option(1e-4, "Smallest peak learning rate (sampled on a log scale).")
     max_learning_rate: float = option(3e-2, "Largest peak learning rate.")
     validation_size: int = option(5000, "Images carved from the training set for validation (the objective).")
@@ -162,11 +161,10 @@ class TuneConfig:
     steps_per_execution: int = option(100, "Training steps run per tf.function call.")
     strategy: str = option("auto", "tf.distribute strategy for every trial (single worker).",
                            choices=TUNE_STRATEGIES)
-    devices: tuple = option((), "Comma-separated devices for one_device/mirrored, e.g. /gpu:0,/gpu:1.",
-                            metavar="DEV[,DEV...]")
+    devices: tuple = devices_option()
     data_source: str = data_source_option()
     data_dir: Optional[str] = data_dir_option()
-    output_dir: Optional[str] = option(None, "Search folder. Default: saved_models/tune/<arch>.", metavar="DIR")
+    output_dir: Optional[str] = output_dir_option("Search folder. Default: saved_models/tune/<arch>.")
     overwrite: bool = option(False, "Delete a previous search in the output folder and start again "
                              "(without it, an unfinished search resumes).")
     verbose: int = option(1, "0: quiet, 1: one line per trial, 2: also a progress bar per epoch.")
