@@ -18,9 +18,9 @@ from typing import Any, Optional
 from mnist_keras import console
 from mnist_keras.errors import UsageError
 # Part of this module's interface: callers write and refuse through artifacts.
-from mnist_keras.folders import (OutputExistsError, OutputNotWritableError, apply_umask,  # noqa: F401
-                                 check_writable, clean_leftovers, make_folder, publish_folder, remove_entries,
-                                 staging_folder, write_atomically)
+from mnist_keras.folders import (FolderKind, OutputExistsError, OutputNotWritableError, apply_umask,  # noqa: F401
+                                 check_output_folder, check_writable, clean_leftovers, make_folder, publish_folder,
+                                 remove_entries, staging_folder, write_atomically)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ RUN_MARKER = ".mnist_keras_run"
 # What the package writes into a run folder: all that --overwrite removes.
 RUN_ENTRIES = (MODEL_FILE, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, LOGS_DIR, BACKUP_DIR, EXPORT_DIR,
                EVALUATION_DIR)
+# A run folder is ours when marked; finished when it holds metrics.json; without it, a killed run to resume.
+RUN = FolderKind(noun="a run folder of this package", markers=(RUN_MARKER,), finished=METRICS_FILE,
+                 holds="a finished run")
 
 
 def worker_log_file(index: int) -> str:
@@ -66,18 +69,10 @@ def is_run_folder(folder: os.PathLike | str) -> bool:
     return (Path(folder) / RUN_MARKER).is_file()
 
 
-def check_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> None:
-    """Refuse `folder` as a run's output, or return without changing anything (see `prepare_run_dir`)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputExistsError(f"{folder}: exists and is not a folder")
-    check_writable(folder)
-    if folder.is_dir() and any(folder.iterdir()):
-        if not is_run_folder(folder):
-            raise OutputExistsError(f"{folder}: not empty and not a run folder of this package (no {RUN_MARKER}); "
-                                    "choose another --output-dir")
-        if is_finished_run(folder) and not overwrite:
-            raise OutputExistsError(f"{folder}: holds a finished run; pass --overwrite to replace it")
+def check_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> bool:
+    """Refuse `folder` as a run's output, or return (True: it holds a run to resume) without changing anything
+    (see `prepare_run_dir`)."""
+    return check_output_folder(folder, RUN, overwrite)
 
 
 def prepare_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> Path:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from mnist_keras import artifacts
+from mnist_keras import artifacts, folders
 from mnist_keras import data as data_lib
 from mnist_keras.config import ARCHITECTURES, EvaluateConfig, config_to_dict
 
@@ -29,6 +28,9 @@ MISCLASSIFIED_PNG = "misclassified.png"
 CURVES_PNG = "training_curves.png"
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
+# An evaluation folder is ours when it holds evaluation.json, written last; it is replaced whole, never resumed.
+EVALUATION = folders.FolderKind(noun="an evaluation folder", markers=(EVALUATION_FILE,), finished=EVALUATION_FILE,
+                                holds="an evaluation")
 EXPORT_DIR = "export"  # export.py (issue 3) writes <run>/export/export.json: artifacts with path, bytes, accuracy.
 EXPORT_FILE = "export.json"
 # Keras clips probabilities to [1e-7, 1 - 1e-7] in its cross-entropy; the same here,
@@ -240,19 +242,6 @@ def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
         raise artifacts.OutputExistsError(f"{existing[0]}: exists; pass --overwrite to replace it")
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """An evaluation folder is replaced whole: refuse one that is not an evaluation, or without `overwrite`."""
-    artifacts.check_writable(output_dir.parent)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise artifacts.OutputExistsError(f"{output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / EVALUATION_FILE).is_file():
-            raise artifacts.OutputExistsError(f"{output_dir}: not empty and not an evaluation folder (no "
-                                              f"{EVALUATION_FILE}); choose another --output-dir")
-        if not overwrite:
-            raise artifacts.OutputExistsError(f"{output_dir}: holds an evaluation; pass --overwrite to replace it")
-
-
 def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.PathLike | str,
         data: Optional[data_lib.MnistData] = None) -> EvaluationResult:
     """Evaluate the model at `model_path` on the test set and write evaluation.json and the plots to `output_dir`.
@@ -260,7 +249,7 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
     training_curves.png needs the run's history.json; a model outside a run folder gets no curves.
     """
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, config.overwrite)
+    folders.check_output_folder(output_dir, EVALUATION, config.overwrite)
     model = artifacts.load_model(model_path)  # Before the data: a bad path costs nothing.
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0)
@@ -271,13 +260,9 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
     logger.info("%s: accuracy %.4f, loss %.4f", name, result.summary["accuracy"], result.summary["loss"])
     # Built under a temporary name and renamed into place whole: a killed evaluation leaves the
     # previous one as it was, never one model's plots beside another's evaluation.json.
-    staging = artifacts.staging_folder(output_dir)
-    try:
+    with folders.building(output_dir) as staging:
         payload, names = _write_evaluation(staging, config, model, data, result, name)
-        check_output_dir(output_dir, config.overwrite)
-        artifacts.publish_folder(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        folders.check_output_folder(output_dir, EVALUATION, config.overwrite)
     files = tuple(output_dir / file_name for file_name in names)
     return dataclasses.replace(result, summary=payload, output_dir=output_dir, files=files)
 

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts, console
+from mnist_keras import artifacts, console, folders
 from mnist_keras import data as data_lib
 from mnist_keras.config import ExportConfig, config_to_dict
 
@@ -45,12 +45,11 @@ EXPORT_CONFIG_FILE = "export_config.json"
 SAVED_MODEL_DIR = "saved_model"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
+# An export folder is ours when it holds export.json, written last: never an unfinished one to resume.
+EXPORT = folders.FolderKind(noun="an export folder", markers=(EXPORT_FILE,), finished=EXPORT_FILE,
+                            holds="an export")
 # Images per representative-dataset step: the calibrator resizes the input to it.
 CALIBRATION_BATCH = 100
-
-
-class ExportExistsError(artifacts.OutputExistsError):
-    """The export folder already holds an export and overwrite was not asked for."""
 
 
 @dataclasses.dataclass
@@ -202,24 +201,6 @@ def load_keras_model(model_path: os.PathLike | str) -> artifacts.LoadedModel:
     return loaded
 
 
-def check_export_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing export unless `overwrite`, and never replace a folder that is not an export."""
-    artifacts.check_writable(output_dir.parent)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ExportExistsError(f"{output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / EXPORT_FILE).is_file():
-            raise ExportExistsError(f"{output_dir}: not empty and not an export folder; choose another --output-dir")
-        if not overwrite:
-            raise ExportExistsError(f"{output_dir}: holds an export; pass --overwrite to replace it")
-
-
-def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
-    """Rename the finished staging folder into place (replacing an old export only if `overwrite`)."""
-    check_export_dir(output_dir, overwrite)
-    artifacts.publish_folder(staging, output_dir)
-
-
 def export_model(
     config: ExportConfig,
     model_path: os.PathLike | str,
@@ -235,7 +216,7 @@ def export_model(
     output_dir = Path(output_dir)
     # Every refusal comes before any expensive work and before anything is written.
     source = load_keras_model(model_path)
-    check_export_dir(output_dir, config.overwrite)
+    folders.check_output_folder(output_dir, EXPORT, config.overwrite)
     model = source.model
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0, seed=config.seed)
@@ -243,8 +224,7 @@ def export_model(
     calibration = data.x_train[np.sort(rng.choice(len(data.x_train), min(config.calibration_size,
                                                                           len(data.x_train)), replace=False))]
 
-    staging = artifacts.staging_folder(output_dir)
-    try:
+    with folders.building(output_dir) as staging:
         keras_record, reference = score(source, data.x_test, data.y_test)
         keras_record = {"path": str(source.path), "bytes": _size_in_bytes(source.path), **keras_record}
         logger.info("Keras model %s: test accuracy %.4f", source.path, keras_record["accuracy"])
@@ -287,8 +267,6 @@ def export_model(
             "keras_version": keras.__version__,
             "python_version": platform.python_version(),
         })
-        _publish(staging, output_dir, config.overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        folders.check_output_folder(output_dir, EXPORT, config.overwrite)  # Another export may have come meanwhile.
     logger.info("Wrote %s", output_dir)
     return ExportResult(output_dir, records, keras_record, config)

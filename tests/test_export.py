@@ -108,7 +108,7 @@ def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_mod
     folder = exported.output_dir
     before = (folder / export.EXPORT_FILE).read_text()
     config = config_lib.ExportConfig(tflite=("int8",), int8_io="uint8", calibration_size=64, verbose=0)
-    with pytest.raises(export.ExportExistsError, match="--overwrite"):
+    with pytest.raises(artifacts.OutputExistsError, match="--overwrite"):
         export.export_model(config, tiny_model_path, folder, data=tiny_mnist)
     assert (folder / export.EXPORT_FILE).read_text() == before
 
@@ -128,7 +128,7 @@ def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_mod
 def test_export_refuses_a_folder_that_is_not_an_export(tiny_model_path, tiny_mnist, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     config = config_lib.ExportConfig(tflite=(), overwrite=True, verbose=0)
-    with pytest.raises(export.ExportExistsError, match="not an export folder"):
+    with pytest.raises(artifacts.OutputExistsError, match="not an export folder"):
         export.export_model(config, tiny_model_path, tmp_path, data=tiny_mnist)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
