@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnist_keras import console
-from mnist_keras.errors import UsageError
+from mnist_keras.errors import UsageError, first_line
 # Part of this module's interface: callers write and refuse through artifacts.
 from mnist_keras.folders import (FolderKind, OutputExistsError, OutputNotWritableError, apply_umask,  # noqa: F401
                                  check_output_folder, check_writable, clean_leftovers, make_folder, publish_folder,
@@ -210,11 +210,6 @@ def load_model(path: os.PathLike | str) -> LoadedModel:
     return loader(path)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _load_keras(path: Path) -> LoadedModel:
     import keras
 
@@ -223,7 +218,7 @@ def _load_keras(path: Path) -> LoadedModel:
         # loading one would run arbitrary code.
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises ValueError, zipfile errors, OSError...
-        raise InputFileError(f"{path}: cannot load as a Keras model ({_first_line(error)})") from None
+        raise InputFileError(f"{path}: cannot load as a Keras model ({first_line(error)})") from None
     if tuple(model.input_shape[1:]) != (28, 28) or model.output_shape[-1] != 10:
         raise InputFileError(f"{path}: expected a model from 28x28 images to 10 classes. "
                          f"Received: {model.input_shape} -> {model.output_shape}")
@@ -240,7 +235,7 @@ def _load_saved_model(path: Path) -> LoadedModel:
         signature = loaded.signatures["serving_default"]
     except Exception as error:
         raise InputFileError(f"{path}: cannot load as a SavedModel with a serving_default signature "
-                         f"({_first_line(error)})") from None
+                         f"({first_line(error)})") from None
     (input_name, input_spec), = signature.structured_input_signature[1].items()
     output_name = next(iter(signature.structured_outputs))
     output_spec = signature.structured_outputs[output_name]
@@ -263,7 +258,7 @@ def _load_tflite(path: Path) -> LoadedModel:
             interpreter = Interpreter(model_path=str(path))
             interpreter.allocate_tensors()
     except Exception as error:
-        raise InputFileError(f"{path}: cannot load as a TFLite model ({_first_line(error)})") from None
+        raise InputFileError(f"{path}: cannot load as a TFLite model ({first_line(error)})") from None
     input_detail = interpreter.get_input_details()[0]
     output_detail = interpreter.get_output_details()[0]
     input_dtype = input_detail["dtype"]
@@ -295,7 +290,7 @@ def _load_tflite(path: Path) -> LoadedModel:
                 # A model converted with a fixed batch size (and reshapes baked for it) can refuse
                 # another one: go back to its own batch size and feed it that many at a time.
                 logger.info("%s: cannot resize the batch to %d (%s); feeding %d at a time",
-                            path.name, len(images), _first_line(error), fixed_batch)
+                            path.name, len(images), first_line(error), fixed_batch)
                 state["resizable"] = False
                 resize(fixed_batch)
         if output is None:

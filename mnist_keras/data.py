@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from mnist_keras.constants import IMAGE_SHAPE, NUM_CLASSES
-from mnist_keras.errors import UsageError, import_extra
+from mnist_keras.errors import UsageError, first_line, import_extra
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def load_npz(path: os.PathLike | str) -> tuple[np.ndarray, ...]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path}: not a readable .npz file ({_reason(error)})") from None
+        raise DataError(f"{path}: not a readable .npz file ({first_line(error)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: a single array (.npy), not an .npz archive of "
                         f"{', '.join(IDX_FILES)}")
@@ -173,17 +173,12 @@ def load_npz(path: os.PathLike | str) -> tuple[np.ndarray, ...]:
         try:
             arrays = {key: archive[key] for key in IDX_FILES}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-            raise DataError(f"{path}: not a readable .npz file ({_reason(error)})") from None
+            raise DataError(f"{path}: not a readable .npz file ({first_line(error)})") from None
     for split in ("train", "test"):
         validate_images(arrays[f"x_{split}"], f"{path}[x_{split}]")
         arrays[f"y_{split}"] = validate_labels(
             arrays[f"y_{split}"], f"{path}[y_{split}]", len(arrays[f"x_{split}"]), f"x_{split}")
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_local(data_dir: os.PathLike | str) -> tuple[np.ndarray, ...]:
@@ -205,9 +200,8 @@ def load_keras() -> tuple[np.ndarray, ...]:
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
     except Exception as error:  # Keras raises plain Exception on download failure.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
-            f"keras.datasets.mnist could not download MNIST ({reason}); point --data-dir or "
+            f"keras.datasets.mnist could not download MNIST ({first_line(error)}); point --data-dir or "
             f"{DATA_DIR_ENV} at a folder with the four IDX files or mnist.npz") from None
     return x_train, y_train, x_test, y_test
 
@@ -230,9 +224,8 @@ def load_tfds(data_dir: Optional[str] = None) -> tuple[np.ndarray, ...]:
     except DataError:
         raise
     except Exception as error:  # TFDS raises many types; the user needs one line.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         where = data_dir or "the default TFDS data_dir"
-        raise DataError(f"tensorflow-datasets could not load mnist from {where} ({reason})") from None
+        raise DataError(f"tensorflow-datasets could not load mnist from {where} ({first_line(error)})") from None
     arrays = []
     for split, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
         images = validate_images(np.asarray(images).reshape(-1, *IMAGE_SHAPE), f"tfds mnist/{split}")

@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mnist_keras.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -76,8 +78,7 @@ def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Seq
         allowed = f" among {', '.join(formats)}" if formats else ""
         raise ValueError(f"not a readable image (not an image in any format Pillow can read{allowed})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"not a readable image ({reason})") from None
+        raise ValueError(f"not a readable image ({first_line(error)})") from None
 
 
 def load_image(path: Union[os.PathLike, str], max_pixels: Optional[int] = None) -> Image.Image:
@@ -251,7 +252,7 @@ def predict_files(model, paths: Sequence[Union[os.PathLike, str]], top_k: int = 
                 raise ValueError(problem)
             prepared[index] = preprocess_image(load_image(path))
         except (ValueError, OSError) as error:
-            message = str(error).strip().splitlines()[0]
+            message = first_line(error)
             errors[index] = message if message.startswith(str(path)) else f"{path}: {message}"
             logger.info(errors[index])  # The caller reports it; a warning would print it twice.
     ranked = dict(zip(prepared, classify(model, list(prepared.values()), top_k))) if prepared else {}
