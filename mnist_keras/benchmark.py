@@ -40,7 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts, console
+from mnist_keras import artifacts, console, runtimes
 from mnist_keras import data as data_lib
 from mnist_keras import loop as loop_lib
 from mnist_keras import models
@@ -452,7 +452,7 @@ def inference_models(folder: Path) -> list[Path]:
 def inference_row(path: Path, root: Path, images: np.ndarray, labels: np.ndarray, latency_runs: int,
                   repeats: int = 3) -> dict:
     """Throughput over `images` (batches of 1024, best of `repeats`), single-image latency, accuracy."""
-    loaded = artifacts.load_model(path)
+    loaded = runtimes.load_model(path)
     loaded.predict(images[:1024])  # Warm-up: tracing, allocation.
     best = float("inf")
     for _ in range(repeats):

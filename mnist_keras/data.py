@@ -106,7 +106,8 @@ def read_idx(path: os.PathLike | str) -> np.ndarray:
 
 def validate_images(images: np.ndarray, name: str) -> np.ndarray:
     if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-        raise DataError(f"{name}: images must have shape (N, 28, 28). Received: {images.shape}")
+        raise DataError(f"{name}: images must have shape (N, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]}). "
+                        f"Received: {images.shape}")
     if images.dtype != np.uint8:
         raise DataError(f"{name}: images must be uint8. Received: {images.dtype}")
     return images

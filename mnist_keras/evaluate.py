@@ -1,7 +1,7 @@
 """Evaluation a person can look at: metrics, confusion matrix, worst mistakes, training curves; and a
 side-by-side comparison of every trained run.
 
-Any model format goes through `artifacts.load_model`, so a .keras file, a
+Any model format goes through `runtimes.load_model`, so a .keras file, a
 SavedModel and a .tflite file are scored by the same code. Plots use
 matplotlib's non-interactive Agg backend (no display needed).
 """
@@ -16,9 +16,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mnist_keras import artifacts, folders
+from mnist_keras import artifacts, errors, folders, runtimes
 from mnist_keras import data as data_lib
 from mnist_keras.config import ARCHITECTURES, EvaluateConfig, config_to_dict
+from mnist_keras.constants import NUM_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class EvaluationResult:
 # ---------------------------------------------------------------------------
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = 10) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Counts: rows are true classes, columns predicted classes."""
     matrix = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(matrix, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
@@ -85,8 +86,9 @@ def score(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     """Accuracy, cross-entropy loss, per-class metrics, confusion matrix and misclassified indices."""
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels, np.int64)
-    if probabilities.shape != (len(labels), 10):
-        raise ValueError(f"probabilities must have shape ({len(labels)}, 10). Received: {probabilities.shape}")
+    if probabilities.shape != (len(labels), NUM_CLASSES):
+        raise ValueError(f"probabilities must have shape ({len(labels)}, {NUM_CLASSES}). "
+                         f"Received: {probabilities.shape}")
     predictions = probabilities.argmax(axis=1)
     true_probability = np.clip(probabilities[np.arange(len(labels)), labels], EPSILON, 1 - EPSILON)
     matrix = confusion_matrix(labels, predictions)
@@ -222,13 +224,13 @@ def find_run_dir(model_path: os.PathLike | str) -> Optional[Path]:
 def default_output_dir(model_path: os.PathLike | str) -> Path:
     """A run folder or a .keras file: evaluation/ in the folder holding it. A SavedModel or .tflite:
     evaluation-<name>/ beside it, so that evaluating an export never replaces the Keras model's evaluation."""
-    path, format = artifacts.detect_format(model_path)
+    path, format = runtimes.detect_format(model_path)
     if format == "keras":
         return path.parent / artifacts.EVALUATION_DIR
     return path.parent / f"evaluation-{path.name.replace('.', '_')}"
 
 
-def evaluate_model(model: artifacts.LoadedModel, images: np.ndarray, labels: np.ndarray,
+def evaluate_model(model: runtimes.LoadedModel, images: np.ndarray, labels: np.ndarray,
                    batch_size: int = 1000) -> EvaluationResult:
     """Score `model` (any format) on (images, labels)."""
     probabilities = model.predict(images, batch_size=batch_size)
@@ -250,7 +252,7 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
     """
     output_dir = Path(output_dir)
     folders.check_output_folder(output_dir, EVALUATION, config.overwrite)
-    model = artifacts.load_model(model_path)  # Before the data: a bad path costs nothing.
+    model = runtimes.load_model(model_path)  # Before the data: a bad path costs nothing.
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0)
     if not len(data.y_test):
@@ -267,7 +269,7 @@ def run(config: EvaluateConfig, model_path: os.PathLike | str, output_dir: os.Pa
     return dataclasses.replace(result, summary=payload, output_dir=output_dir, files=files)
 
 
-def _write_evaluation(folder: Path, config: EvaluateConfig, model: artifacts.LoadedModel,
+def _write_evaluation(folder: Path, config: EvaluateConfig, model: runtimes.LoadedModel,
                       data: data_lib.MnistData, result: EvaluationResult, name: str) -> tuple[dict, list[str]]:
     """The plots, then evaluation.json, into `folder`; returns (evaluation.json's payload, file names)."""
     summary = result.summary
@@ -367,11 +369,11 @@ def _read_metrics(path: Path) -> dict:
     """A run's metrics.json, with every number the comparison needs (one-line error naming the file)."""
     metrics = artifacts.read_json(path)
     if not isinstance(metrics, dict):
-        raise artifacts.InputFileError(f"{path}: expected a JSON object of a run's metrics")
+        raise errors.InputFileError(f"{path}: expected a JSON object of a run's metrics")
     for key in _METRICS_COMPARED:
         value = metrics.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise artifacts.InputFileError(f"{path}: {key} must be a finite number. Received: {value!r}")
+            raise errors.InputFileError(f"{path}: {key} must be a finite number. Received: {value!r}")
     return metrics
 
 
@@ -379,7 +381,7 @@ def collect_runs(models_dir: os.PathLike | str) -> list[dict]:
     """One row per finished run (a folder with metrics.json) directly under `models_dir`, known archs first."""
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
-        raise artifacts.MissingInputError(f"{models_dir}: no such folder (train a model first: scripts/train.py "
+        raise errors.MissingInputError(f"{models_dir}: no such folder (train a model first: scripts/train.py "
                                           "--arch cnn)")
     rows = []
     for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
@@ -396,7 +398,7 @@ def collect_runs(models_dir: os.PathLike | str) -> list[dict]:
             "published_loss": PUBLISHED.get(arch, {}).get("loss"),
         })
     if not rows:
-        raise artifacts.InputFileError(f"{models_dir}: no finished runs (no */{artifacts.METRICS_FILE}); "
+        raise errors.InputFileError(f"{models_dir}: no finished runs (no */{artifacts.METRICS_FILE}); "
                          f"train one first: scripts/train.py --arch cnn")
     order = {arch: index for index, arch in enumerate(ARCHITECTURES)}
     rows.sort(key=lambda row: (order.get(row["arch"], len(order)), row["run"]))

@@ -10,7 +10,7 @@
   training images);
 - `export.json`: per artifact its path, size, input/output tensors and its
   accuracy on the test set, measured by loading the artifact back
-  (`artifacts.load_model`: `tf.saved_model.load`, LiteRT's Interpreter);
+  (`runtimes.load_model`: `tf.saved_model.load`, LiteRT's Interpreter);
 - `export_config.json`: the resolved `ExportConfig`.
 
 The folder is built beside the target under a temporary name and renamed into
@@ -33,9 +33,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts, console, folders
+from mnist_keras import artifacts, console, errors, folders, runtimes
 from mnist_keras import data as data_lib
 from mnist_keras.config import ExportConfig, config_to_dict
+from mnist_keras.constants import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ EXPORT_DIR = artifacts.EXPORT_DIR  # Default export folder, beside the model.
 EXPORT_FILE = "export.json"  # Written last into the staging folder: it marks a complete export.
 EXPORT_CONFIG_FILE = "export_config.json"
 SAVED_MODEL_DIR = "saved_model"
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "probabilities"
 # An export folder is ours when it holds export.json, written last: never an unfinished one to resume.
 EXPORT = folders.FolderKind(noun="an export folder", markers=(EXPORT_FILE,), finished=EXPORT_FILE,
                             holds="an export")
@@ -83,7 +82,7 @@ def _serving_archive(model: keras.Model, dtype: tf.DType) -> keras.export.Export
     archive = keras.export.ExportArchive()
     archive.track(model)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], dtype, name=INPUT_NAME)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], dtype, name=INPUT_NAME)])
     def serve(pixels):
         # The model rescales 0-255 to [0, 1] itself; uint8 only needs a cast.
         return {OUTPUT_NAME: model(tf.cast(pixels, tf.float32), training=False)}
@@ -168,7 +167,7 @@ def _size_in_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------
 
 
-def score(loaded: artifacts.LoadedModel, images: np.ndarray, labels: np.ndarray,
+def score(loaded: runtimes.LoadedModel, images: np.ndarray, labels: np.ndarray,
           reference: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
     """(record, probabilities): accuracy on `images`, and agreement with `reference` probabilities."""
     started = time.perf_counter()
@@ -193,11 +192,11 @@ def score(loaded: artifacts.LoadedModel, images: np.ndarray, labels: np.ndarray,
 # ---------------------------------------------------------------------------
 
 
-def load_keras_model(model_path: os.PathLike | str) -> artifacts.LoadedModel:
+def load_keras_model(model_path: os.PathLike | str) -> runtimes.LoadedModel:
     """The .keras model at `model_path` (a file or a run folder); one-line errors otherwise."""
-    loaded = artifacts.load_model(model_path)
+    loaded = runtimes.load_model(model_path)
     if loaded.format != "keras":
-        raise artifacts.InputFileError(f"{model_path}: export needs a .keras model. Received: a {loaded.format} model")
+        raise errors.InputFileError(f"{model_path}: export needs a .keras model. Received: a {loaded.format} model")
     return loaded
 
 
@@ -247,7 +246,7 @@ def export_model(
 
         records = {}
         for name, relative in paths.items():
-            loaded = artifacts.load_model(staging / relative)
+            loaded = runtimes.load_model(staging / relative)
             record, _ = score(loaded, data.x_test, data.y_test, reference)
             record["accuracy_change_points"] = round(100 * (record["accuracy"] - keras_record["accuracy"]), 4)
             records[name] = {"path": relative, "format": loaded.format,
