@@ -27,7 +27,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import keras
 import numpy as np
@@ -64,6 +64,11 @@ class ExportResult:
 
 def tflite_file_name(variant: str) -> str:
     return f"model_{variant}.tflite"
+
+
+def tflite_artifact_name(variant: str) -> str:
+    """The artifact's name in export.json."""
+    return f"tflite_{variant}"
 
 
 def default_export_dir(model_path: os.PathLike | str) -> Path:
@@ -156,6 +161,33 @@ def _short_tensor_names(tflite_model: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def write_artifacts(model: keras.Model, folder: Path, tflite: Sequence[str] = (),
+                    calibration_images: Optional[np.ndarray] = None, int8_io: str = "int8") -> dict:
+    """Write the SavedModel and each TFLite variant of the in-memory `model` into `folder`.
+
+    Returns {artifact name: path relative to `folder`}: saved_model, then tflite_<variant> per `tflite`.
+    """
+    paths = {"saved_model": SAVED_MODEL_DIR}
+    write_saved_model(model, folder / SAVED_MODEL_DIR)
+    if not tflite:
+        return paths
+    # The TFLite converter reads a float32-input twin of the SavedModel, so the TFLite
+    # files take float 0-255 pixels (int8: quantized ones) rather than a uint8 cast op.
+    float_model = folder / ".float_saved_model"
+    write_saved_model(model, float_model, tf.float32)
+    try:
+        for variant in tflite:
+            started = time.perf_counter()
+            content = convert_tflite(float_model, variant, calibration_images, int8_io)
+            (folder / tflite_file_name(variant)).write_bytes(content)
+            paths[tflite_artifact_name(variant)] = tflite_file_name(variant)
+            logger.info("Converted %s (%d bytes) in %.1f s", tflite_file_name(variant), len(content),
+                        time.perf_counter() - started)
+    finally:
+        shutil.rmtree(float_model, ignore_errors=True)
+    return paths
+
+
 def _size_in_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -167,9 +199,10 @@ def _size_in_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------
 
 
-def score(loaded: runtimes.LoadedModel, images: np.ndarray, labels: np.ndarray,
-          reference: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
-    """(record, probabilities): accuracy on `images`, and agreement with `reference` probabilities."""
+def artifact_record(loaded: runtimes.LoadedModel, images: np.ndarray, labels: np.ndarray,
+                    reference: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
+    """(export.json record, probabilities): the model's tensors, its accuracy on `images` and the time
+    it took, and its agreement with the Keras model's `reference` probabilities."""
     started = time.perf_counter()
     probabilities = loaded.predict(images)
     seconds = time.perf_counter() - started
@@ -187,6 +220,29 @@ def score(loaded: runtimes.LoadedModel, images: np.ndarray, labels: np.ndarray,
     return record, probabilities
 
 
+def _keras_record(source: runtimes.LoadedModel, data: data_lib.MnistData) -> tuple[dict, np.ndarray]:
+    """The source model's own record and its probabilities, the reference every artifact is compared with."""
+    record, reference = artifact_record(source, data.x_test, data.y_test)
+    record = {"path": str(source.path), "bytes": _size_in_bytes(source.path), **record}
+    logger.info("Keras model %s: test accuracy %.4f", source.path, record["accuracy"])
+    return record, reference
+
+
+def _artifact_records(folder: Path, paths: dict, data: data_lib.MnistData, reference: np.ndarray,
+                      keras_record: dict) -> dict:
+    """Each artifact in `paths`, loaded back from `folder` and scored: its export.json records."""
+    records = {}
+    for name, relative in paths.items():
+        loaded = runtimes.load_model(folder / relative)
+        record, _ = artifact_record(loaded, data.x_test, data.y_test, reference)
+        record["accuracy_change_points"] = round(100 * (record["accuracy"] - keras_record["accuracy"]), 4)
+        records[name] = {"path": relative, "format": loaded.format, "bytes": _size_in_bytes(folder / relative),
+                         **record}
+        logger.info("%s: %d bytes, test accuracy %.4f (Keras %.4f)", name, records[name]["bytes"],
+                    record["accuracy"], keras_record["accuracy"])
+    return records
+
+
 # ---------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------
@@ -198,6 +254,13 @@ def load_keras_model(model_path: os.PathLike | str) -> runtimes.LoadedModel:
     if loaded.format != "keras":
         raise errors.InputFileError(f"{model_path}: export needs a .keras model. Received: a {loaded.format} model")
     return loaded
+
+
+def calibration_images(config: ExportConfig, data: data_lib.MnistData) -> np.ndarray:
+    """`config.calibration_size` training images drawn at random (seeded), in their original order."""
+    rng = np.random.default_rng(config.seed)
+    count = min(config.calibration_size, len(data.x_train))
+    return data.x_train[np.sort(rng.choice(len(data.x_train), count, replace=False))]
 
 
 def export_model(
@@ -216,44 +279,13 @@ def export_model(
     # Every refusal comes before any expensive work and before anything is written.
     source = load_keras_model(model_path)
     folders.check_output_folder(output_dir, EXPORT, config.overwrite)
-    model = source.model
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0, seed=config.seed)
-    rng = np.random.default_rng(config.seed)
-    calibration = data.x_train[np.sort(rng.choice(len(data.x_train), min(config.calibration_size,
-                                                                          len(data.x_train)), replace=False))]
-
+    calibration = calibration_images(config, data)
     with folders.building(output_dir) as staging:
-        keras_record, reference = score(source, data.x_test, data.y_test)
-        keras_record = {"path": str(source.path), "bytes": _size_in_bytes(source.path), **keras_record}
-        logger.info("Keras model %s: test accuracy %.4f", source.path, keras_record["accuracy"])
-
-        paths = {"saved_model": SAVED_MODEL_DIR}
-        write_saved_model(model, staging / SAVED_MODEL_DIR)
-        if config.tflite:
-            # The TFLite converter reads a float32-input twin of the SavedModel, so the TFLite
-            # files take float 0-255 pixels (int8: quantized ones) rather than a uint8 cast op.
-            float_model = staging / ".float_saved_model"
-            write_saved_model(model, float_model, tf.float32)
-            for variant in config.tflite:
-                started = time.perf_counter()
-                content = convert_tflite(float_model, variant, calibration, config.int8_io)
-                (staging / tflite_file_name(variant)).write_bytes(content)
-                paths[f"tflite_{variant}"] = tflite_file_name(variant)
-                logger.info("Converted %s (%d bytes) in %.1f s", tflite_file_name(variant), len(content),
-                            time.perf_counter() - started)
-            shutil.rmtree(float_model)
-
-        records = {}
-        for name, relative in paths.items():
-            loaded = runtimes.load_model(staging / relative)
-            record, _ = score(loaded, data.x_test, data.y_test, reference)
-            record["accuracy_change_points"] = round(100 * (record["accuracy"] - keras_record["accuracy"]), 4)
-            records[name] = {"path": relative, "format": loaded.format,
-                             "bytes": _size_in_bytes(staging / relative), **record}
-            logger.info("%s: %d bytes, test accuracy %.4f (Keras %.4f)", name, records[name]["bytes"],
-                        record["accuracy"], keras_record["accuracy"])
-
+        keras_record, reference = _keras_record(source, data)
+        paths = write_artifacts(source.model, staging, config.tflite, calibration, config.int8_io)
+        records = _artifact_records(staging, paths, data, reference, keras_record)
         artifacts.write_json(staging / EXPORT_CONFIG_FILE, config_to_dict(config))
         artifacts.write_json(staging / EXPORT_FILE, {
             "model": str(source.path),
