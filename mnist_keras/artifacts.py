@@ -17,9 +17,8 @@ from typing import Any
 
 from mnist_keras.errors import InputFileError, MissingInputError
 # Part of this module's interface: callers write and refuse through artifacts.
-from mnist_keras.folders import (FolderKind, OutputExistsError, OutputNotWritableError, apply_umask,  # noqa: F401
-                                 check_output_folder, check_writable, clean_leftovers, make_folder, publish_folder,
-                                 remove_entries, staging_folder, write_atomically)
+from mnist_keras.folders import (FolderKind, OutputExistsError, apply_umask,  # noqa: F401
+                                 check_output_folder, clean_leftovers, make_folder, remove_entries, write_atomically)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +30,7 @@ METRICS_FILE = "metrics.json"  # Written last: its presence marks a finished run
 LOGS_DIR = "logs"
 BACKUP_DIR = "backup"  # backup.py's epoch backups of an unfinished run.
 EXPORT_DIR = "export"  # export.py's default folder, beside the model.
+EXPORT_FILE = "export.json"  # export.py's record of every artifact, in EXPORT_DIR; written last: a finished export.
 EVALUATION_DIR = "evaluation"  # evaluate.py's default folder for a run's Keras model.
 # Written into every run folder the package creates; a folder without it is not the package's to write.
 RUN_MARKER = ".mnist_keras_run"
@@ -45,6 +45,11 @@ RUN = FolderKind(noun="a run folder of this package", markers=(RUN_MARKER,), fin
 def worker_log_file(index: int) -> str:
     """Where, inside a run folder, the local launcher writes worker `index`'s output."""
     return f"{LOGS_DIR}/worker-{index}.log"
+
+
+def tflite_artifact_name(variant: str) -> str:
+    """A TFLite variant's name among export.json's artifacts."""
+    return f"tflite_{variant}"
 
 
 def default_run_dir(arch: str, root: os.PathLike | str = DEFAULT_ROOT) -> Path:

@@ -2,8 +2,8 @@
 side-by-side comparison of every trained run.
 
 Any model format goes through `runtimes.load_model`, so a .keras file, a
-SavedModel and a .tflite file are scored by the same code. Plots use
-matplotlib's non-interactive Agg backend (no display needed).
+SavedModel and a .tflite file are scored by the same code. The figures are
+drawn by `plots`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mnist_keras import artifacts, errors, folders, runtimes
 from mnist_keras import data as data_lib
 from mnist_keras.config import ARCHITECTURES, EvaluateConfig, config_to_dict
 from mnist_keras.constants import NUM_CLASSES
+from mnist_keras.plots import plot_comparison, plot_confusion_matrix, plot_misclassified, plot_training_curves
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ COMPARISON_PNG = "comparison.png"
 # An evaluation folder is ours when it holds evaluation.json, written last; it is replaced whole, never resumed.
 EVALUATION = folders.FolderKind(noun="an evaluation folder", markers=(EVALUATION_FILE,), finished=EVALUATION_FILE,
                                 holds="an evaluation")
-EXPORT_DIR = "export"  # export.py (issue 3) writes <run>/export/export.json: artifacts with path, bytes, accuracy.
-EXPORT_FILE = "export.json"
 # Keras clips probabilities to [1e-7, 1 - 1e-7] in its cross-entropy; the same here,
 # so that evaluation.json's loss matches metrics.json's.
 EPSILON = 1e-7
@@ -109,100 +108,6 @@ def worst_mistakes(probabilities: np.ndarray, labels: np.ndarray, count: int) ->
     wrong = np.flatnonzero(predictions != labels)
     confidence = probabilities[wrong, predictions[wrong]]
     return wrong[np.argsort(-confidence, kind="stable")][:count]
-
-
-# ---------------------------------------------------------------------------
-# Plots.
-# ---------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # No display on servers and CI; set before pyplot is imported.
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
-
-
-def _save_figure(figure, path: Path) -> Path:
-    """savefig atomically: readers never see half a PNG."""
-    try:
-        return artifacts.write_atomically(
-            path, lambda temporary: figure.savefig(temporary, dpi=120, bbox_inches="tight", format="png"))
-    finally:
-        _pyplot().close(figure)
-
-
-def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> Path:
-    """Counts in every cell; colour on a log scale so that the few mistakes stand out next to the diagonal."""
-    from matplotlib.colors import LogNorm
-
-    pyplot = _pyplot()
-    matrix = np.asarray(matrix)
-    figure, axes = pyplot.subplots(figsize=(7.5, 6.5))
-    shown = np.ma.masked_equal(matrix, 0)
-    image = axes.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(2, int(matrix.max()))))
-    threshold = np.sqrt(max(2, matrix.max()))  # Geometric middle of the log colour scale.
-    for row in range(matrix.shape[0]):
-        for col in range(matrix.shape[1]):
-            count = int(matrix[row, col])
-            if count:
-                axes.text(col, row, str(count), ha="center", va="center", fontsize=8,
-                          color="white" if count > threshold else "black")
-    ticks = range(matrix.shape[0])
-    axes.set_xticks(ticks)
-    axes.set_yticks(ticks)
-    axes.set_xlabel("Predicted digit")
-    axes.set_ylabel("True digit")
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="Test images (log scale)")
-    return _save_figure(figure, path)
-
-
-def plot_misclassified(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                       indices: Sequence[int], path: Path, title: str) -> Path:
-    """A grid of the given mistakes: the image, its index, true and predicted label, the model's confidence."""
-    pyplot = _pyplot()
-    indices = list(indices)
-    columns = min(5, max(1, len(indices)))
-    rows = max(1, -(-len(indices) // columns))
-    figure, grid = pyplot.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows + 0.5), squeeze=False)
-    for axes in grid.ravel():
-        axes.axis("off")
-    if not indices:
-        grid[0, 0].text(0.5, 0.5, "No misclassified images", ha="center", va="center", fontsize=12)
-    for axes, index in zip(grid.ravel(), indices):
-        predicted = int(np.argmax(probabilities[index]))
-        # Black ink on white paper reads more easily than MNIST's white on black.
-        axes.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
-        axes.set_title(f"#{index}: true {int(labels[index])}\npredicted {predicted} "
-                       f"({probabilities[index, predicted]:.1%})", fontsize=9)
-    figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
-    return _save_figure(figure, path)
-
-
-def plot_training_curves(history: dict, path: Path, title: str) -> Path:
-    """Loss and accuracy per epoch, training vs validation, from a run's history.json."""
-    pyplot = _pyplot()
-    figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(11, 4.2))
-    for axes, metric, label in ((loss_axes, "loss", "Loss (cross-entropy)"), (accuracy_axes, "accuracy", "Accuracy")):
-        for key, name, style in ((metric, "training", "-o"), (f"val_{metric}", "validation", "-s")):
-            values = history.get(key)
-            if values:
-                axes.plot(range(1, len(values) + 1), values, style, markersize=4, label=name)
-        axes.set_xlabel("Epoch")
-        axes.set_ylabel(label)
-        axes.set_title(f"{label} per epoch")
-        axes.grid(alpha=0.3)
-        axes.legend(loc="upper right" if metric == "loss" else "lower right")
-        epochs = len(history.get(metric) or history.get(f"val_{metric}") or [])
-        if epochs:
-            axes.set_xticks(range(1, epochs + 1, max(1, epochs // 10)))
-    figure.suptitle(title)
-    figure.tight_layout()
-    return _save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------
@@ -325,39 +230,15 @@ def format_table(summary: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _is_int8_tflite(name: str, entry: dict) -> bool:
-    path = str(entry.get("path", ""))
-    labels = {str(value).lower() for value in (name, entry.get("name"), entry.get("variant"))}
-    return path.endswith(".tflite") and (bool(labels & {"int8", "tflite_int8"})
-                                         or Path(path).stem.lower().endswith("int8"))
-
-
 def _int8_tflite_size(run_dir: Path) -> Optional[int]:
-    """Bytes of the int8 TFLite file in the run's export.json (export.py, issue 3), or None when not exported.
-
-    export.py writes <run>/export/export.json with "artifacts": {"tflite_int8": {"path": "model_int8.tflite",
-    "bytes": ...}, ...}, paths relative to that folder; a list of records, "size"/"size_bytes" and an
-    export.json in the run folder itself are read too.
-    """
-    for path in (run_dir / EXPORT_DIR / EXPORT_FILE, run_dir / EXPORT_FILE):
-        if path.is_file():
-            break
-    else:
+    """Bytes of the int8 TFLite file in the run's export/export.json, or None when it was not exported."""
+    path = run_dir / artifacts.EXPORT_DIR / artifacts.EXPORT_FILE
+    if not path.is_file():
         return None
     listing = artifacts.read_json(path)
-    entries = listing.get("artifacts", []) if isinstance(listing, dict) else listing
-    if isinstance(entries, list):
-        entries = {str(entry.get("name", "")): entry for entry in entries if isinstance(entry, dict)}
-    if not isinstance(entries, dict):
-        return None
-    for name, entry in entries.items():
-        if isinstance(entry, dict) and _is_int8_tflite(name, entry):
-            for key in ("bytes", "size_bytes", "size"):
-                if isinstance(entry.get(key), (int, float)) and not isinstance(entry.get(key), bool):
-                    return int(entry[key])
-            file = path.parent / str(entry["path"])
-            return file.stat().st_size if file.is_file() else None
-    return None
+    records = listing.get("artifacts") if isinstance(listing, dict) else None
+    record = records.get(artifacts.tflite_artifact_name("int8")) if isinstance(records, dict) else None
+    return int(record["bytes"]) if isinstance(record, dict) and "bytes" in record else None
 
 
 # What the comparison reads from each run's metrics.json, and the type it must have.
@@ -424,41 +305,6 @@ def comparison_markdown(rows: Sequence[dict]) -> str:
                   f"{best['parameters']:,} parameters). Published figures are from the original tutorials; "
                   f"the others are measured on the 10,000 MNIST test images (each run's metrics.json)."]
     return "\n".join(lines) + "\n"
-
-
-def plot_comparison(rows: Sequence[dict], path: Path) -> Path:
-    """Test accuracy and loss per run, bars for ours, markers for the published figures."""
-    pyplot = _pyplot()
-    names = [row["run"] for row in rows]
-    positions = np.arange(len(rows))
-    figure, (accuracy_axes, loss_axes) = pyplot.subplots(1, 2, figsize=(11, 4.5))
-    panels = ((accuracy_axes, "test_accuracy", "published_accuracy", 100.0, "Test accuracy (%)", "{:.2f}%"),
-              (loss_axes, "test_loss", "published_loss", 1.0, "Test loss (cross-entropy)", "{:.4f}"))
-    for axes, key, published_key, scale, label, text in panels:
-        values = [row[key] * scale for row in rows]
-        axes.bar(positions, values, color="tab:blue", width=0.6, label="this project")
-        published = [(i, row[published_key] * scale) for i, row in enumerate(rows) if row[published_key] is not None]
-        for number, (i, value) in enumerate(published):
-            axes.hlines(value, i - 0.38, i + 0.38, colors="tab:red", linewidth=2.5, zorder=3,
-                        label="published" if number == 0 else None)
-        # The numbers go under each bar, where no bar or mark can cover them.
-        axes.set_xticks(positions)
-        axes.set_xticklabels([
-            f"{name}\n{text.format(row[key] * scale)}"
-            + (f"\n(published {row[published_key] * scale:.4g}{'%' if scale == 100.0 else ''})" if row[published_key] is not None else "")
-            for name, row in zip(names, rows)])
-        axes.set_xlabel("Model")
-        axes.set_ylabel(label)
-        axes.set_title(label)
-        axes.legend(loc="upper left" if key == "test_accuracy" else "upper right")
-        axes.grid(axis="y", alpha=0.3)
-    low = min([row["test_accuracy"] for row in rows] + [row["published_accuracy"] or 1 for row in rows]) * 100
-    accuracy_axes.set_ylim(max(0.0, np.floor(low) - 1), 100.6)
-    top = max([row["test_loss"] for row in rows] + [row["published_loss"] or 0 for row in rows])
-    loss_axes.set_ylim(0, top * 1.2)
-    figure.suptitle("MNIST models side by side (10,000 test images)")
-    figure.tight_layout()
-    return _save_figure(figure, path)
 
 
 def compare(models_dir: os.PathLike | str, overwrite: bool = False) -> tuple[list[dict], tuple[Path, Path]]:

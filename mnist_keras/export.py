@@ -35,13 +35,12 @@ import tensorflow as tf
 
 from mnist_keras import artifacts, console, errors, folders, runtimes
 from mnist_keras import data as data_lib
+from mnist_keras.artifacts import EXPORT_DIR, EXPORT_FILE, tflite_artifact_name
 from mnist_keras.config import ExportConfig, config_to_dict
 from mnist_keras.constants import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 
-EXPORT_DIR = artifacts.EXPORT_DIR  # Default export folder, beside the model.
-EXPORT_FILE = "export.json"  # Written last into the staging folder: it marks a complete export.
 EXPORT_CONFIG_FILE = "export_config.json"
 SAVED_MODEL_DIR = "saved_model"
 # An export folder is ours when it holds export.json, written last: never an unfinished one to resume.
@@ -64,11 +63,6 @@ class ExportResult:
 
 def tflite_file_name(variant: str) -> str:
     return f"model_{variant}.tflite"
-
-
-def tflite_artifact_name(variant: str) -> str:
-    """The artifact's name in export.json."""
-    return f"tflite_{variant}"
 
 
 def default_export_dir(model_path: os.PathLike | str) -> Path:
