@@ -40,7 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import archs, artifacts, console
+from mnist_keras import archs, artifacts, export, runtimes
 from mnist_keras import data as data_lib
 from mnist_keras import loop as loop_lib
 from mnist_keras import models
@@ -426,7 +426,7 @@ def profile_training(config: BenchmarkConfig, arch: str, data: data_lib.MnistDat
 
 
 def export_for_inference(model: keras.Model, arch: str, folder: Path) -> None:
-    """model.keras, a SavedModel and an fp32 .tflite of `model` in `folder` (issue 3 adds quantized ones)."""
+    """model.keras, a SavedModel and an fp32 .tflite of `model` in `folder`, written as export.py writes them."""
     folder.mkdir(parents=True, exist_ok=True)
     if model.dtype_policy.name != "float32":
         # A mixed-precision graph needs TFLite's Flex ops (bfloat16 casts); inference
@@ -436,9 +436,7 @@ def export_for_inference(model: keras.Model, arch: str, folder: Path) -> None:
         float_model.set_weights(model.get_weights())
         model = float_model
     artifacts.save_keras_model(model, folder / artifacts.MODEL_FILE)
-    with console.native_stderr_captured():  # The TFLite converter prints its settings to fd 2.
-        model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
-        model.export(str(folder / "model_fp32.tflite"), format="litert", verbose=False)
+    export.write_artifacts(model, folder, tflite=("fp32",))
 
 
 def inference_models(folder: Path) -> list[Path]:
@@ -452,7 +450,7 @@ def inference_models(folder: Path) -> list[Path]:
 def inference_row(path: Path, root: Path, images: np.ndarray, labels: np.ndarray, latency_runs: int,
                   repeats: int = 3) -> dict:
     """Throughput over `images` (batches of 1024, best of `repeats`), single-image latency, accuracy."""
-    loaded = artifacts.load_model(path)
+    loaded = runtimes.load_model(path)
     loaded.predict(images[:1024])  # Warm-up: tracing, allocation.
     best = float("inf")
     for _ in range(repeats):

@@ -406,9 +406,9 @@ def predict_main(args: argparse.Namespace) -> int:
     import json
 
     _import_tensorflow()
-    from mnist_keras import artifacts, predict
+    from mnist_keras import artifacts, predict, runtimes
 
-    model = artifacts.load_model(_default_model_path(config.model, config.models_dir, config.arch))
+    model = runtimes.load_model(_default_model_path(config.model, config.models_dir, config.arch))
     predictions = predict.predict_files(model, config.images, top_k=config.top_k)
     if config.json:
         print(json.dumps([prediction.to_dict() for prediction in predictions], indent=2))
@@ -602,13 +602,13 @@ def serve_main(args: argparse.Namespace) -> int:
     errors.check_extra("gradio", "serve", "serve.py")
     _import_tensorflow()
     errors.import_extra("gradio", "serve", "serve.py")
-    from mnist_keras import artifacts, serve
+    from mnist_keras import artifacts, runtimes, serve
 
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         # The upload folder goes on every way out: a stop, a signal, or a failed start.
         with serve.upload_folder():
-            model = artifacts.load_model(config.model or artifacts.default_run_dir(config.arch))
+            model = runtimes.load_model(config.model or artifacts.default_run_dir(config.arch))
             try:
                 server = serve.start_server(serve.build_app(model, config), config.host, config.port,
                                             log_level="info" if config.verbose >= 2 else "warning")

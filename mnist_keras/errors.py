@@ -23,6 +23,14 @@ class ConfigError(UsageError, ValueError):
     """A configuration value is invalid. The message names the flag."""
 
 
+class MissingInputError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class InputFileError(UsageError, ValueError):
+    """A file the user named is not what it should be (not a model, not valid JSON, ...)."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name when the message is empty)."""
     text = str(error).strip()

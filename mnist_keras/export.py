@@ -10,7 +10,7 @@
   training images);
 - `export.json`: per artifact its path, size, input/output tensors and its
   accuracy on the test set, measured by loading the artifact back
-  (`artifacts.load_model`: `tf.saved_model.load`, LiteRT's Interpreter);
+  (`runtimes.load_model`: `tf.saved_model.load`, LiteRT's Interpreter);
 - `export_config.json`: the resolved `ExportConfig`.
 
 The folder is built beside the target under a temporary name and renamed into
@@ -27,30 +27,27 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts, console
+from mnist_keras import artifacts, console, errors, folders, runtimes
 from mnist_keras import data as data_lib
+from mnist_keras.artifacts import EXPORT_DIR, EXPORT_FILE, tflite_artifact_name
 from mnist_keras.config import ExportConfig, config_to_dict
+from mnist_keras.constants import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 
-EXPORT_DIR = artifacts.EXPORT_DIR  # Default export folder, beside the model.
-EXPORT_FILE = "export.json"  # Written last into the staging folder: it marks a complete export.
 EXPORT_CONFIG_FILE = "export_config.json"
 SAVED_MODEL_DIR = "saved_model"
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "probabilities"
+# An export folder is ours when it holds export.json, written last: never an unfinished one to resume.
+EXPORT = folders.FolderKind(noun="an export folder", markers=(EXPORT_FILE,), finished=EXPORT_FILE,
+                            holds="an export")
 # Images per representative-dataset step: the calibrator resizes the input to it.
 CALIBRATION_BATCH = 100
-
-
-class ExportExistsError(artifacts.OutputExistsError):
-    """The export folder already holds an export and overwrite was not asked for."""
 
 
 @dataclasses.dataclass
@@ -84,7 +81,7 @@ def _serving_archive(model: keras.Model, dtype: tf.DType) -> keras.export.Export
     archive = keras.export.ExportArchive()
     archive.track(model)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], dtype, name=INPUT_NAME)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], dtype, name=INPUT_NAME)])
     def serve(pixels):
         # The model rescales 0-255 to [0, 1] itself; uint8 only needs a cast.
         return {OUTPUT_NAME: model(tf.cast(pixels, tf.float32), training=False)}
@@ -158,6 +155,33 @@ def _short_tensor_names(tflite_model: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def write_artifacts(model: keras.Model, folder: Path, tflite: Sequence[str] = (),
+                    calibration_images: Optional[np.ndarray] = None, int8_io: str = "int8") -> dict:
+    """Write the SavedModel and each TFLite variant of the in-memory `model` into `folder`.
+
+    Returns {artifact name: path relative to `folder`}: saved_model, then tflite_<variant> per `tflite`.
+    """
+    paths = {"saved_model": SAVED_MODEL_DIR}
+    write_saved_model(model, folder / SAVED_MODEL_DIR)
+    if not tflite:
+        return paths
+    # The TFLite converter reads a float32-input twin of the SavedModel, so the TFLite
+    # files take float 0-255 pixels (int8: quantized ones) rather than a uint8 cast op.
+    float_model = folder / ".float_saved_model"
+    write_saved_model(model, float_model, tf.float32)
+    try:
+        for variant in tflite:
+            started = time.perf_counter()
+            content = convert_tflite(float_model, variant, calibration_images, int8_io)
+            (folder / tflite_file_name(variant)).write_bytes(content)
+            paths[tflite_artifact_name(variant)] = tflite_file_name(variant)
+            logger.info("Converted %s (%d bytes) in %.1f s", tflite_file_name(variant), len(content),
+                        time.perf_counter() - started)
+    finally:
+        shutil.rmtree(float_model, ignore_errors=True)
+    return paths
+
+
 def _size_in_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -169,9 +193,10 @@ def _size_in_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------
 
 
-def score(loaded: artifacts.LoadedModel, images: np.ndarray, labels: np.ndarray,
-          reference: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
-    """(record, probabilities): accuracy on `images`, and agreement with `reference` probabilities."""
+def artifact_record(loaded: runtimes.LoadedModel, images: np.ndarray, labels: np.ndarray,
+                    reference: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
+    """(export.json record, probabilities): the model's tensors, its accuracy on `images` and the time
+    it took, and its agreement with the Keras model's `reference` probabilities."""
     started = time.perf_counter()
     probabilities = loaded.predict(images)
     seconds = time.perf_counter() - started
@@ -189,35 +214,47 @@ def score(loaded: artifacts.LoadedModel, images: np.ndarray, labels: np.ndarray,
     return record, probabilities
 
 
+def _keras_record(source: runtimes.LoadedModel, data: data_lib.MnistData) -> tuple[dict, np.ndarray]:
+    """The source model's own record and its probabilities, the reference every artifact is compared with."""
+    record, reference = artifact_record(source, data.x_test, data.y_test)
+    record = {"path": str(source.path), "bytes": _size_in_bytes(source.path), **record}
+    logger.info("Keras model %s: test accuracy %.4f", source.path, record["accuracy"])
+    return record, reference
+
+
+def _artifact_records(folder: Path, paths: dict, data: data_lib.MnistData, reference: np.ndarray,
+                      keras_record: dict) -> dict:
+    """Each artifact in `paths`, loaded back from `folder` and scored: its export.json records."""
+    records = {}
+    for name, relative in paths.items():
+        loaded = runtimes.load_model(folder / relative)
+        record, _ = artifact_record(loaded, data.x_test, data.y_test, reference)
+        record["accuracy_change_points"] = round(100 * (record["accuracy"] - keras_record["accuracy"]), 4)
+        records[name] = {"path": relative, "format": loaded.format, "bytes": _size_in_bytes(folder / relative),
+                         **record}
+        logger.info("%s: %d bytes, test accuracy %.4f (Keras %.4f)", name, records[name]["bytes"],
+                    record["accuracy"], keras_record["accuracy"])
+    return records
+
+
 # ---------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------
 
 
-def load_keras_model(model_path: os.PathLike | str) -> artifacts.LoadedModel:
+def load_keras_model(model_path: os.PathLike | str) -> runtimes.LoadedModel:
     """The .keras model at `model_path` (a file or a run folder); one-line errors otherwise."""
-    loaded = artifacts.load_model(model_path)
+    loaded = runtimes.load_model(model_path)
     if loaded.format != "keras":
-        raise artifacts.InputFileError(f"{model_path}: export needs a .keras model. Received: a {loaded.format} model")
+        raise errors.InputFileError(f"{model_path}: export needs a .keras model. Received: a {loaded.format} model")
     return loaded
 
 
-def check_export_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing export unless `overwrite`, and never replace a folder that is not an export."""
-    artifacts.check_writable(output_dir.parent)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ExportExistsError(f"{output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / EXPORT_FILE).is_file():
-            raise ExportExistsError(f"{output_dir}: not empty and not an export folder; choose another --output-dir")
-        if not overwrite:
-            raise ExportExistsError(f"{output_dir}: holds an export; pass --overwrite to replace it")
-
-
-def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
-    """Rename the finished staging folder into place (replacing an old export only if `overwrite`)."""
-    check_export_dir(output_dir, overwrite)
-    artifacts.publish_folder(staging, output_dir)
+def calibration_images(config: ExportConfig, data: data_lib.MnistData) -> np.ndarray:
+    """`config.calibration_size` training images drawn at random (seeded), in their original order."""
+    rng = np.random.default_rng(config.seed)
+    count = min(config.calibration_size, len(data.x_train))
+    return data.x_train[np.sort(rng.choice(len(data.x_train), count, replace=False))]
 
 
 def export_model(
@@ -235,46 +272,14 @@ def export_model(
     output_dir = Path(output_dir)
     # Every refusal comes before any expensive work and before anything is written.
     source = load_keras_model(model_path)
-    check_export_dir(output_dir, config.overwrite)
-    model = source.model
+    folders.check_output_folder(output_dir, EXPORT, config.overwrite)
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0, seed=config.seed)
-    rng = np.random.default_rng(config.seed)
-    calibration = data.x_train[np.sort(rng.choice(len(data.x_train), min(config.calibration_size,
-                                                                          len(data.x_train)), replace=False))]
-
-    staging = artifacts.staging_folder(output_dir)
-    try:
-        keras_record, reference = score(source, data.x_test, data.y_test)
-        keras_record = {"path": str(source.path), "bytes": _size_in_bytes(source.path), **keras_record}
-        logger.info("Keras model %s: test accuracy %.4f", source.path, keras_record["accuracy"])
-
-        paths = {"saved_model": SAVED_MODEL_DIR}
-        write_saved_model(model, staging / SAVED_MODEL_DIR)
-        if config.tflite:
-            # The TFLite converter reads a float32-input twin of the SavedModel, so the TFLite
-            # files take float 0-255 pixels (int8: quantized ones) rather than a uint8 cast op.
-            float_model = staging / ".float_saved_model"
-            write_saved_model(model, float_model, tf.float32)
-            for variant in config.tflite:
-                started = time.perf_counter()
-                content = convert_tflite(float_model, variant, calibration, config.int8_io)
-                (staging / tflite_file_name(variant)).write_bytes(content)
-                paths[f"tflite_{variant}"] = tflite_file_name(variant)
-                logger.info("Converted %s (%d bytes) in %.1f s", tflite_file_name(variant), len(content),
-                            time.perf_counter() - started)
-            shutil.rmtree(float_model)
-
-        records = {}
-        for name, relative in paths.items():
-            loaded = artifacts.load_model(staging / relative)
-            record, _ = score(loaded, data.x_test, data.y_test, reference)
-            record["accuracy_change_points"] = round(100 * (record["accuracy"] - keras_record["accuracy"]), 4)
-            records[name] = {"path": relative, "format": loaded.format,
-                             "bytes": _size_in_bytes(staging / relative), **record}
-            logger.info("%s: %d bytes, test accuracy %.4f (Keras %.4f)", name, records[name]["bytes"],
-                        record["accuracy"], keras_record["accuracy"])
-
+    calibration = calibration_images(config, data)
+    with folders.building(output_dir) as staging:
+        keras_record, reference = _keras_record(source, data)
+        paths = write_artifacts(source.model, staging, config.tflite, calibration, config.int8_io)
+        records = _artifact_records(staging, paths, data, reference, keras_record)
         artifacts.write_json(staging / EXPORT_CONFIG_FILE, config_to_dict(config))
         artifacts.write_json(staging / EXPORT_FILE, {
             "model": str(source.path),
@@ -287,8 +292,6 @@ def export_model(
             "keras_version": keras.__version__,
             "python_version": platform.python_version(),
         })
-        _publish(staging, output_dir, config.overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        folders.check_output_folder(output_dir, EXPORT, config.overwrite)  # Another export may have come meanwhile.
     logger.info("Wrote %s", output_dir)
     return ExportResult(output_dir, records, keras_record, config)

@@ -4,7 +4,7 @@ MNIST digits are white on black, size-normalised to fit a 20x20 box (keeping
 their aspect ratio, anti-aliased) and placed in a 28x28 field so that their
 centre of mass is at the centre. `preprocess_image` does the same to a photo or
 a scan, so that the models see what they were trained on. The same function
-serves every model format: `artifacts.load_model` hides .keras, SavedModel and
+serves every model format: `runtimes.load_model` hides .keras, SavedModel and
 .tflite behind one `predict`.
 """
 
@@ -19,10 +19,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mnist_keras.constants import IMAGE_SIZE, NUM_CLASSES
+from mnist_keras.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-FIELD_SIZE = 28  # The MNIST image.
+FIELD_SIZE = IMAGE_SIZE  # The MNIST image.
 BOX_SIZE = 20  # MNIST scaled every digit to fit 20x20, keeping its aspect ratio.
 # After removing the background, a pixel is ink when it is at least this bright
 # (0-255). Fainter pixels are paper texture, JPEG noise or shadow: zeroed, and kept
@@ -76,8 +79,7 @@ def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Seq
         allowed = f" among {', '.join(formats)}" if formats else ""
         raise ValueError(f"not a readable image (not an image in any format Pillow can read{allowed})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"not a readable image ({reason})") from None
+        raise ValueError(f"not a readable image ({first_line(error)})") from None
 
 
 def load_image(path: Union[os.PathLike, str], max_pixels: Optional[int] = None) -> Image.Image:
@@ -184,10 +186,10 @@ def preprocess_image(image: Union[Image.Image, np.ndarray]) -> np.ndarray:
 def classify(model, images: Sequence[np.ndarray], top_k: int = 1) -> list[list[tuple[int, float]]]:
     """The `top_k` (digit, probability) pairs, most probable first, for each preprocessed 28x28 image.
 
-    `model` is an `artifacts.LoadedModel` (any format) or anything with the same `predict`.
+    `model` is an `runtimes.LoadedModel` (any format) or anything with the same `predict`.
     """
-    if not 1 <= top_k <= 10:
-        raise ValueError(f"top_k must be between 1 and 10. Received: {top_k}")
+    if not 1 <= top_k <= NUM_CLASSES:
+        raise ValueError(f"top_k must be between 1 and {NUM_CLASSES}. Received: {top_k}")
     if len(images) == 0:
         return []
     probabilities = np.asarray(model.predict(np.stack([np.asarray(i, np.float32) for i in images])))
@@ -240,8 +242,8 @@ def expand_paths(paths: Sequence[Union[os.PathLike, str]]) -> list[tuple[Path, O
 
 def predict_files(model, paths: Sequence[Union[os.PathLike, str]], top_k: int = 1) -> list[Prediction]:
     """Classify image files and folders of them. A bad file gets an `error`; the others are still classified."""
-    if not 1 <= top_k <= 10:
-        raise ValueError(f"--top-k must be between 1 and 10. Received: {top_k}")
+    if not 1 <= top_k <= NUM_CLASSES:
+        raise ValueError(f"--top-k must be between 1 and {NUM_CLASSES}. Received: {top_k}")
     files = expand_paths(paths)
     prepared: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
@@ -251,7 +253,7 @@ def predict_files(model, paths: Sequence[Union[os.PathLike, str]], top_k: int = 
                 raise ValueError(problem)
             prepared[index] = preprocess_image(load_image(path))
         except (ValueError, OSError) as error:
-            message = str(error).strip().splitlines()[0]
+            message = first_line(error)
             errors[index] = message if message.startswith(str(path)) else f"{path}: {message}"
             logger.info(errors[index])  # The caller reports it; a warning would print it twice.
     ranked = dict(zip(prepared, classify(model, list(prepared.values()), top_k))) if prepared else {}

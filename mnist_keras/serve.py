@@ -10,7 +10,7 @@
 
 Both paths go through `predict.preprocess_image` and `predict.classify`, the
 same code as `scripts/predict.py`, and the model comes from
-`artifacts.load_model` (Keras' safe_mode on). `start_server` runs the app with
+`runtimes.load_model` (Keras' safe_mode on). `start_server` runs the app with
 uvicorn in a background thread. Everything stays on this machine: no share
 links, analytics off, no fonts or scripts from a CDN.
 

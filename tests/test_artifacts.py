@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from mnist_keras import artifacts, models
+from mnist_keras import artifacts, models, runtimes
 
 
 def test_load_keras_model_and_run_folder(tmp_path):
@@ -11,7 +11,7 @@ def test_load_keras_model_and_run_folder(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
     expected = model.predict(images.astype("float32"), verbose=0)
     for where in (tmp_path / "model.keras", tmp_path):
-        loaded = artifacts.load_model(where)
+        loaded = runtimes.load_model(where)
         assert loaded.format == "keras"
         np.testing.assert_allclose(loaded.predict(images), expected, atol=1e-6)
     assert loaded.predict(images[0]).shape == (1, 10)
@@ -23,17 +23,17 @@ def test_keras_model_with_code_is_refused(tmp_path):
     outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(outputs))
     keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
     with pytest.raises(ValueError, match="lambda.keras: cannot load as a Keras model"):
-        artifacts.load_model(tmp_path / "lambda.keras")
+        runtimes.load_model(tmp_path / "lambda.keras")
 
 
 def test_bad_model_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model"):
-        artifacts.load_model(tmp_path / "missing.keras")
+        runtimes.load_model(tmp_path / "missing.keras")
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match="notes.txt: not a model"):
-        artifacts.load_model(tmp_path / "notes.txt")
+        runtimes.load_model(tmp_path / "notes.txt")
     (tmp_path / "fake.keras").write_text("not a zip")
     with pytest.raises(ValueError, match="fake.keras: cannot load as a Keras model"):
-        artifacts.load_model(tmp_path / "fake.keras")
+        runtimes.load_model(tmp_path / "fake.keras")
     with pytest.raises(ValueError, match="not a SavedModel folder"):
-        artifacts.load_model(tmp_path)
+        runtimes.load_model(tmp_path)

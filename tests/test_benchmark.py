@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import archs
-from mnist_keras import artifacts, benchmark, config as config_lib, data as data_lib, loop, models, train
+from mnist_keras import artifacts, benchmark, runtimes, config as config_lib, data as data_lib, loop, models, train
 from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
 from tests.test_cli import assert_one_line_error, run_script
 
@@ -168,5 +168,5 @@ def test_mixed_precision_model_exports_float32_formats(tiny_mnist, tmp_path):
     expected = mixed(images.astype("float32")).numpy()
     assert len(benchmark.inference_models(tmp_path)) == 3
     for path in benchmark.inference_models(tmp_path):
-        loaded = artifacts.load_model(path)  # The .tflite needs no Flex (bfloat16) ops.
+        loaded = runtimes.load_model(path)  # The .tflite needs no Flex (bfloat16) ops.
         np.testing.assert_allclose(loaded.predict(images), expected, atol=2e-2)  # bfloat16 vs float32 compute.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import data as data_lib
+from mnist_keras import data as data_lib, data_sources
 from mnist_keras.data import DataError
 
 
@@ -32,7 +32,7 @@ def make_folder(folder, train=20, test=10, compress=True, overrides=None):
         "x_test": rng.integers(0, 256, (test, 28, 28)), "y_test": rng.integers(0, 10, test),
     }
     paths = {}
-    for key, stem in data_lib.IDX_FILES.items():
+    for key, stem in data_sources.IDX_FILES.items():
         raw = (overrides or {}).get(key)
         array = raw if isinstance(raw, np.ndarray) else arrays[key]
         paths[key] = write_idx(folder / stem, array, compress, raw if isinstance(raw, bytes) else None)

@@ -133,29 +133,27 @@ def test_cli_evaluate_prints_table_and_bad_input_exits_2(tiny_run, tiny_mnist, t
 # -- comparing runs ---------------------------------------------------------------------------
 
 
-def fake_run(root: Path, arch: str, accuracy: float, loss: float, parameters: int, export=None,
-             export_dir: str = evaluate.EXPORT_DIR) -> Path:
+def fake_run(root: Path, arch: str, accuracy: float, loss: float, parameters: int, export=None) -> Path:
     folder = root / arch
     folder.mkdir(parents=True)
     artifacts.write_json(folder / artifacts.METRICS_FILE, {
         "arch": arch, "test_accuracy": accuracy, "test_loss": loss, "parameters": parameters,
         "epochs": 10, "train_seconds": 42.4})
     if export is not None:
-        artifacts.write_json(folder / export_dir / evaluate.EXPORT_FILE, export)
+        artifacts.write_json(folder / artifacts.EXPORT_DIR / artifacts.EXPORT_FILE, export)
     return folder
 
 
 def test_compare_agrees_with_each_runs_metrics(tmp_path):
     fake_run(tmp_path, "mlp", 0.9801, 0.0712, 105_214)
-    # export.json as export.py (issue 3) writes it: <run>/export/export.json, artifacts keyed by name.
+    # export.json as export.py writes it: <run>/export/export.json, artifacts keyed by name.
     fake_run(tmp_path, "cnn", 0.9915, 0.0290, 21_840, export={"artifacts": {
         "saved_model": {"path": "saved_model", "bytes": 400_000, "accuracy": 0.9915},
         "tflite_fp32": {"path": "model_fp32.tflite", "bytes": 90_000, "accuracy": 0.9915},
         "tflite_int8": {"path": "model_int8.tflite", "bytes": 27_648, "accuracy": 0.9912}}})
-    # A list of records in the run folder itself, with the size read from the file.
-    small = fake_run(tmp_path, "mlp_small", 0.9702, 0.1100, 42_310, export_dir=".", export={"artifacts": [
-        {"name": "fp32", "path": "small_fp32.tflite"}, {"name": "int8", "path": "small_int8.tflite"}]})
-    (small / "small_int8.tflite").write_bytes(b"\0" * 2048)
+    fake_run(tmp_path, "mlp_small", 0.9702, 0.1100, 42_310, export={"artifacts": {
+        "tflite_fp32": {"path": "model_fp32.tflite", "bytes": 8192},
+        "tflite_int8": {"path": "model_int8.tflite", "bytes": 2048}}})
     (tmp_path / "unfinished").mkdir()  # no metrics.json: not a run
     rows, (table_path, chart_path) = evaluate.compare(tmp_path)
     assert [row["run"] for row in rows] == ["mlp", "mlp_small", "cnn"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, cli, config as config_lib, export, models
+from mnist_keras import artifacts, cli, config as config_lib, export, models, runtimes
 from tests.test_cli import assert_one_line_error, run_script
 from tests.test_data import make_folder
 
@@ -44,7 +44,7 @@ def exported(tiny_model_path, tiny_mnist):
 
 @pytest.fixture(scope="module")
 def keras_probabilities(tiny_model_path, tiny_mnist):
-    return artifacts.load_model(tiny_model_path).predict(tiny_mnist.x_test)
+    return runtimes.load_model(tiny_model_path).predict(tiny_mnist.x_test)
 
 
 def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_probabilities):
@@ -60,7 +60,7 @@ def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_pro
             f.stat().st_size for f in path.rglob("*") if f.is_file())
         assert record["bytes"] == size, name
         # The recorded accuracy is what the artifact itself scores when loaded back.
-        probabilities = artifacts.load_model(path).predict(tiny_mnist.x_test)
+        probabilities = runtimes.load_model(path).predict(tiny_mnist.x_test)
         assert record["accuracy"] == pytest.approx(np.mean(probabilities.argmax(1) == tiny_mnist.y_test)), name
         assert record["input"]["shape"] == [None, 28, 28] and record["output"]["shape"] == [None, 10], name
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02, err_msg=name)
@@ -108,7 +108,7 @@ def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_mod
     folder = exported.output_dir
     before = (folder / export.EXPORT_FILE).read_text()
     config = config_lib.ExportConfig(tflite=("int8",), int8_io="uint8", calibration_size=64, verbose=0)
-    with pytest.raises(export.ExportExistsError, match="--overwrite"):
+    with pytest.raises(artifacts.OutputExistsError, match="--overwrite"):
         export.export_model(config, tiny_model_path, folder, data=tiny_mnist)
     assert (folder / export.EXPORT_FILE).read_text() == before
 
@@ -120,7 +120,7 @@ def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_mod
     record = replaced.artifacts["tflite_int8"]
     assert record["input"]["dtype"] == "uint8" and record["output"]["dtype"] == "uint8"
     # uint8 input: raw pixels map one to one (scale 1, zero point 0 after calibration on 0-255).
-    interpreter = artifacts.load_model(folder / "model_int8.tflite").model
+    interpreter = runtimes.load_model(folder / "model_int8.tflite").model
     assert interpreter.get_input_details()[0]["quantization"] == pytest.approx((1.0, 0))
     assert record["max_abs_difference_from_keras"] <= 0.1
 
@@ -128,7 +128,7 @@ def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_mod
 def test_export_refuses_a_folder_that_is_not_an_export(tiny_model_path, tiny_mnist, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     config = config_lib.ExportConfig(tflite=(), overwrite=True, verbose=0)
-    with pytest.raises(export.ExportExistsError, match="not an export folder"):
+    with pytest.raises(artifacts.OutputExistsError, match="not an export folder"):
         export.export_model(config, tiny_model_path, tmp_path, data=tiny_mnist)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
@@ -146,10 +146,10 @@ def test_tflite_with_a_fixed_batch_is_fed_one_image_at_a_time(tmp_path, caplog):
     converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "batch1"))
     (tmp_path / "batch1.tflite").write_bytes(converter.convert())
 
-    loaded = artifacts.load_model(tmp_path / "batch1.tflite")
+    loaded = runtimes.load_model(tmp_path / "batch1.tflite")
     assert loaded.inputs["shape"] == [1, 28, 28]
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
-    with caplog.at_level(logging.INFO, logger="mnist_keras.artifacts"):
+    with caplog.at_level(logging.INFO, logger="mnist_keras.runtimes"):
         probabilities = loaded.predict(images)
     np.testing.assert_allclose(probabilities, model.predict(images.astype("float32"), verbose=0), atol=1e-5)
     assert "cannot resize the batch to 5" in caplog.text and "feeding 1 at a time" in caplog.text

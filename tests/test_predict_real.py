@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_keras import artifacts, config as config_lib, evaluate, predict
+from mnist_keras import artifacts, config as config_lib, evaluate, predict, runtimes
 from mnist_keras.cli import predict_main
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def uci_digit_accuracy(model_path) -> float:
     digits = datasets.load_digits()  # shipped with scikit-learn: no download
     pictures = [Image.fromarray(255 - (image * 255 / 16).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
                 for image in digits.images]
-    top = predict.classify(artifacts.load_model(model_path), [predict.preprocess_image(p) for p in pictures])
+    top = predict.classify(runtimes.load_model(model_path), [predict.preprocess_image(p) for p in pictures])
     return float(np.mean([ranked[0][0] == label for ranked, label in zip(top, digits.target)]))
 
 
@@ -93,7 +93,7 @@ def test_keras_saved_model_and_tflite_give_the_same_digits(samples, trained_run_
     images = [predict.preprocess_image(predict.load_image(file)) for file in files]  # once, for all formats
     digits = {}
     for path in (trained_run_dirs["cnn"] / artifacts.MODEL_FILE, tmp_path / "saved_model", tmp_path / "model.tflite"):
-        loaded = artifacts.load_model(path)
+        loaded = runtimes.load_model(path)
         digits[loaded.format] = [top[0][0] for top in predict.classify(loaded, images)]
     assert set(digits) == {"keras", "saved_model", "tflite"}
     assert digits["keras"] == digits["saved_model"] == digits["tflite"]

@@ -92,11 +92,11 @@ def test_serve_config_checks_flags():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """An untrained-quality CNN saved as .keras and loaded back the way the app loads models."""
-    from mnist_keras import artifacts, models
+    from mnist_keras import artifacts, models, runtimes
 
     path = tmp_path_factory.mktemp("serve") / "tiny.keras"
     artifacts.save_keras_model(models.build_model("cnn"), path)
-    return artifacts.load_model(path)
+    return runtimes.load_model(path)
 
 
 # ---------------------------------------------------------------------------
@@ -120,9 +120,9 @@ def app_url(trained_run_dirs, tmp_path_factory):
     except ImportError:
         _require(False, 'gradio is not installed: pip install -e ".[serve]"')
     os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
-    from mnist_keras import artifacts, serve
+    from mnist_keras import runtimes, serve
 
-    model = artifacts.load_model(trained_run_dirs["cnn"])
+    model = runtimes.load_model(trained_run_dirs["cnn"])
     server = serve.start_server(serve.build_app(model, ServeConfig(port=0, max_upload_bytes=200_000)), port=0)
     yield server.url
     server.stop()

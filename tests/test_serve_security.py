@@ -147,9 +147,9 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(model_file):
-    from mnist_keras import artifacts
+    from mnist_keras import runtimes
 
-    return artifacts.load_model(model_file)
+    return runtimes.load_model(model_file)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from mnist_keras import archs
 from mnist_keras import tune_space
-from mnist_keras import artifacts, cli, loop, models, tune
+from mnist_keras import artifacts, cli, loop, models, runtimes, tune
 from mnist_keras import data as data_lib
 from mnist_keras.config import ConfigError, TuneConfig
 from tests.conftest import REPO_ROOT
@@ -69,7 +69,7 @@ def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data)
     run_config = json.loads((folder / "best/config.json").read_text())
     assert run_config["hyperparameters"] == {"hidden_units": list(sizes["hidden_units"])}
     assert run_config["learning_rate"] == best["best_trial"]["hyperparameters"]["learning_rate"]
-    loaded = artifacts.load_model(folder / "best")
+    loaded = runtimes.load_model(folder / "best")
     probabilities = loaded.predict(small_data.x_test[:4])
     assert probabilities.shape == (4, 10)
     expected = models.build_model("mlp_small", **sizes).count_params()
