@@ -1,0 +1,56 @@
+"""The package's floors, as README's "How the code is organised" lists them, hold in the code.
+
+The table there gives every module its floor and its one job, in an order in
+which each module imports only modules listed before it. This test reads that
+table and the imports of every module (including the ones inside functions),
+so neither can drift from the other.
+"""
+
+import ast
+import re
+
+from tests.conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "mnist_keras"
+ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*`([\w.]+)`\s*\|")
+
+
+def readme_floors() -> list[tuple[int, str]]:
+    text = (REPO_ROOT / "README.md").read_text()
+    table = text.split("<!-- module-floors -->")[1].split("<!-- /module-floors -->")[0]
+    return [(int(match[1]), match[2]) for match in map(ROW.match, table.splitlines()) if match]
+
+
+def package_units() -> dict[str, set[str]]:
+    """Each module (a subpackage counts as one) -> the package modules it imports."""
+    units: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        unit = parts[0]
+        if unit == "__init__":
+            continue
+        imports = units.setdefault(unit, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mnist_keras"):
+                module = node.module.split(".")
+                imports.update(module[1:2] or [alias.name for alias in node.names])
+            elif isinstance(node, ast.Import):
+                imports.update(alias.name.split(".")[1] for alias in node.names
+                               if alias.name.startswith("mnist_keras."))
+        imports.discard(unit)
+        imports.discard("__version__")
+    return units
+
+
+def test_every_module_is_in_the_readme_once():
+    listed = [module for _, module in readme_floors()]
+    assert sorted(listed) == sorted(package_units()), "README's module table and mnist_keras/ differ"
+
+
+def test_floors_rise_and_imports_point_down():
+    floors = readme_floors()
+    assert [floor for floor, _ in floors] == sorted(floor for floor, _ in floors)
+    position = {module: index for index, (_, module) in enumerate(floors)}
+    upward = [f"{module} imports {imported}" for module, imports in package_units().items()
+              for imported in sorted(imports) if position[imported] > position[module]]
+    assert not upward, upward
