@@ -204,20 +204,13 @@ def launch_local(
     """
     if workers < 2:
         raise ValueError(f"--workers must be >= 2 to launch a cluster. Received: {workers}")
-    output = output or sys.stdout
-    base_env = dict(os.environ if env is None else env)
-    base_env.pop("TF_CONFIG", None)
-    # Workers' output goes through pipes; unbuffered, it arrives line by line.
-    base_env["PYTHONUNBUFFERED"] = "1"
-    log_files: list[Optional[Path]] = [None] * workers
-    if run_dir is not None:
-        log_files = [Path(run_dir) / artifacts.worker_log_file(index) for index in range(workers)]
-        log_files[0].parent.mkdir(parents=True, exist_ok=True)
     if worker_envs is None:
         worker_envs = [{"TF_CONFIG": tf_config} for tf_config in tf_configs(free_loopback_ports(workers))]
     if len(worker_envs) != workers or (names is not None and len(names) != workers):
         raise ValueError(f"worker_envs and names need one entry per worker. Received: {workers} workers")
     labels = list(names) if names is not None else [f"worker {index}" for index in range(workers)]
+    log_files = _log_files(run_dir, workers)
+    base_env = _base_env(env)
     # The workers' temporary files (TensorFlow's autograph writes some, deleted only at a clean exit)
     # go into one folder the launcher deletes however the workers end.
     worker_tmp = Path(tempfile.mkdtemp(prefix="mnist_keras_workers_"))
@@ -228,25 +221,11 @@ def launch_local(
     with _StopSignals() as stop_signals:
         try:
             for index, worker_env in enumerate(worker_envs):
-                tmp = worker_tmp / f"worker-{index}"
-                tmp.mkdir()
-                # A session of their own: a terminal's Ctrl-C reaches the launcher, which stops them.
-                process = subprocess.Popen(
-                    list(command), env={**base_env, **worker_env, "TMPDIR": str(tmp)},
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                    start_new_session=True)
-                processes.append(process)
-                logger.info("Started %s (pid %d)", labels[index], process.pid)
-                relays.append(_Relay(process, log_files[index], output if index == 0 else None,
+                processes.append(_start_worker(command, {**base_env, **worker_env}, worker_tmp / f"worker-{index}"))
+                logger.info("Started %s (pid %d)", labels[index], processes[-1].pid)
+                relays.append(_Relay(processes[-1], log_files[index], (output or sys.stdout) if index == 0 else None,
                                      f"[{labels[index]}] ", lock))
-            while stop_signals.received is None and any(process.poll() is None for process in processes):
-                failed = _first_failure(processes)
-                if failed is not None:
-                    break
-                time.sleep(POLL_SECONDS)
-            if failed is None and stop_signals.received is None:  # all exited; one may have failed last
-                failed = _first_failure(processes)
+            failed = _wait_for_workers(processes, stop_signals)
         finally:
             # Also reached on an exception: never leave workers running.
             _stop(processes)
@@ -258,3 +237,42 @@ def launch_local(
                         failed_worker=None if interrupted else failed, interrupted=interrupted,
                         tails=tuple(tuple(relay.tail) for relay in relays), log_files=tuple(log_files),
                         names=tuple(names) if names is not None else None)
+
+
+def _base_env(env: Optional[Mapping[str, str]]) -> dict:
+    """The environment every worker shares: `env` (default: this process's) without TF_CONFIG."""
+    base_env = dict(os.environ if env is None else env)
+    base_env.pop("TF_CONFIG", None)
+    # Workers' output goes through pipes; unbuffered, it arrives line by line.
+    base_env["PYTHONUNBUFFERED"] = "1"
+    return base_env
+
+
+def _log_files(run_dir: Optional[Path | str], workers: int) -> list[Optional[Path]]:
+    """`<run_dir>/logs/worker-<i>.log` for each worker (their folder created), or None each without a run_dir."""
+    if run_dir is None:
+        return [None] * workers
+    log_files = [Path(run_dir) / artifacts.worker_log_file(index) for index in range(workers)]
+    log_files[0].parent.mkdir(parents=True, exist_ok=True)
+    return log_files
+
+
+def _start_worker(command: Sequence[str], env: dict, tmp: Path) -> subprocess.Popen:
+    """One worker with its own TMPDIR, its output (stdout and stderr) on a pipe."""
+    tmp.mkdir()
+    # A session of their own: a terminal's Ctrl-C reaches the launcher, which stops them.
+    return subprocess.Popen(list(command), env={**env, "TMPDIR": str(tmp)}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
+
+
+def _wait_for_workers(processes: Sequence[subprocess.Popen], stop_signals: _StopSignals) -> Optional[int]:
+    """Wait until every worker has exited, one has failed, or a stop signal came; the first that failed."""
+    while stop_signals.received is None and any(process.poll() is None for process in processes):
+        failed = _first_failure(processes)
+        if failed is not None:
+            return failed
+        time.sleep(POLL_SECONDS)
+    if stop_signals.received is None:  # all exited; one may have failed last
+        return _first_failure(processes)
+    return None

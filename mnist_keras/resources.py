@@ -5,6 +5,9 @@ Every run with an output folder appends one JSON line per epoch to
 anything grows with the number of steps; the soak benchmark and the
 resource-growth tests read these files.
 
+`Sampler` reads figures on a background thread while a block runs: the
+benchmark's per-row peak memory (`MemorySampler`), the soak's thread counts.
+
 Linux only (/proc); elsewhere the figures are None. This module imports
 neither TensorFlow nor Keras.
 """
@@ -13,6 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import resource
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,6 +52,71 @@ def _rss_mb(proc: Path) -> Optional[float]:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident memory of the whole process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if platform.system() == "Darwin" else 2**10), 1)
+
+
+class Sampler:
+    """Calls `sample()` on a background thread while a `with` block runs: on entry, then every `interval` s.
+
+    Subclasses define `sample`; it returns False to end the sampling early
+    (what it samples is gone).
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+
+    def sample(self) -> bool:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while self.sample() is not False and not self._stop.wait(self.interval):
+            pass
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class MemorySampler(Sampler):
+    """Peak resident set size of this process while a `with` block runs (sampled every 20 ms).
+
+    `resource.getrusage` only knows the peak of the whole process so far, which
+    after the first row of a benchmark says nothing about the next one; a
+    sampling thread gives each row its own peak (it can miss a spike shorter
+    than 20 ms).
+    """
+
+    INTERVAL_S = 0.02
+
+    def __init__(self) -> None:
+        import psutil
+
+        super().__init__(self.INTERVAL_S)
+        self._process = psutil.Process()
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "MemorySampler":
+        self.peak_bytes = self._process.memory_info().rss
+        return super().__enter__()
+
+    def sample(self) -> bool:
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+        return True
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
 
 
 class ResourceLog:

@@ -18,22 +18,24 @@ from __future__ import annotations
 import logging
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import keras
 
-from mnist_keras import archs, artifacts
-from mnist_keras import data as data_lib
+from mnist_keras import archs, artifacts, folders, train
 from mnist_keras import config as config_lib
-from mnist_keras import train
-from mnist_keras.benchmark import environment
-from mnist_keras.config import (
-    ResultsConfig, TrainConfig, config_to_dict)
+from mnist_keras import data as data_lib
+from mnist_keras.config import ResultsConfig, TrainConfig, config_to_dict
+from mnist_keras.machine import environment
+from mnist_keras.tables import format_table
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "results.json"
 TABLE_FILE = "results.md"
+# A results folder is one holding results.json; only --overwrite replaces the results in it.
+RESULTS_FOLDER = folders.FolderKind(noun="a results folder", markers=(REPORT_FILE,), finished=REPORT_FILE,
+                                    holds="results")
 COMMAND = "python scripts/results.py"
 # --smoke: tiny synthetic data and one epoch per run.
 SMOKE_SIZES = {"train_size": 256, "validation_size": 64, "test_size": 64}
@@ -79,7 +81,7 @@ def run(config: ResultsConfig, output_dir: Optional[Path | str] = None,
     """
     output_dir = Path(output_dir) if output_dir is not None else None
     if output_dir is not None:
-        check_output_dir(output_dir, config.overwrite)
+        folders.check_output_folder(output_dir, RESULTS_FOLDER, config.overwrite)
     todo = pairs(config)
     if not todo:
         raise ValueError(f"--recipes {','.join(config.recipes)} define none of --arch {','.join(config.arch)}")
@@ -132,18 +134,6 @@ def load_data(config: ResultsConfig, seed: int,
     return data_lib.load_mnist(config.data_source, config.data_dir, validation_size=5000, seed=seed)
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse, before any training, a folder holding other files, or earlier results without `overwrite`."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise artifacts.OutputExistsError(f"{output_dir}: exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / REPORT_FILE).is_file():
-            raise artifacts.OutputExistsError(f"{output_dir}: not empty and not a results folder; "
-                                              "choose another --output-dir")
-        if not overwrite:
-            raise artifacts.OutputExistsError(f"{output_dir}: holds results; pass --overwrite to replace them")
-
-
 def command_line(config: ResultsConfig) -> str:
     """The command that reproduces this report (data location left to the reader)."""
     defaults = ResultsConfig()
@@ -171,20 +161,19 @@ def _percent(value: float) -> str:
 def format_markdown(report: dict) -> str:
     """The report as a markdown table with the date, the machine and the command above it."""
     env = report["environment"]
-    lines = [
+    table = format_table(
+        ["arch", "recipe", "params", "epochs", "test accuracy: mean", "min", "max", "per seed", "test loss: mean",
+         "training s: mean (min-max)"],
+        [[f"`{row['arch']}`", row["recipe"], f"{row['parameters']:,}", row["epochs"], _percent(row["mean_accuracy"]),
+          _percent(row["min_accuracy"]), _percent(row["max_accuracy"]),
+          ", ".join(f"{seed}: {_percent(accuracy)}" for seed, accuracy in zip(row["seeds"], row["test_accuracy"])),
+          f"{row['mean_test_loss']:.4f}",
+          f"{row['mean_train_seconds']:.1f} ({row['min_train_seconds']:.1f}-{row['max_train_seconds']:.1f})"]
+         for row in report["rows"]],
+        markdown=True, align="llrrrrrlrr")
+    return "\n".join([
         f"Measured {env['date_utc']} on {machine_line(env)}; {env['data']}.",
         f"Command: `{report['command']}` (training seconds exclude data loading and the test evaluation).",
         "",
-        "| arch | recipe | params | epochs | test accuracy: mean | min | max | per seed | test loss: mean "
-        "| training s: mean (min-max) |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for row in report["rows"]:
-        per_seed = ", ".join(f"{seed}: {_percent(accuracy)}" for seed, accuracy in zip(row["seeds"],
-                                                                                       row["test_accuracy"]))
-        lines.append(
-            f"| `{row['arch']}` | {row['recipe']} | {row['parameters']:,} | {row['epochs']} | "
-            f"{_percent(row['mean_accuracy'])} | {_percent(row['min_accuracy'])} | {_percent(row['max_accuracy'])} | "
-            f"{per_seed} | {row['mean_test_loss']:.4f} | "
-            f"{row['mean_train_seconds']:.1f} ({row['min_train_seconds']:.1f}-{row['max_train_seconds']:.1f}) |")
-    return "\n".join(lines) + "\n"
+        table,
+    ]) + "\n"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -37,35 +36,26 @@ class SoakFailedError(RuntimeError):
     """The soak's training run failed; the message is its last line of output."""
 
 
-class ThreadPeaks:
+class ThreadPeaks(resources.Sampler):
     """The largest thread count of each child of `pid`, sampled from /proc while a `with` block runs."""
 
     def __init__(self, pid: int) -> None:
         import psutil
 
+        super().__init__(SAMPLE_SECONDS)
         self._parent = psutil.Process(pid)
         self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_SECONDS):
-            try:
-                children = self._parent.children()
-            except Exception:  # the launcher has exited
-                return
-            for child in children:
-                threads = resources.process_resources(child.pid)["threads"]
-                if threads is not None:
-                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), threads)
-
-    def __enter__(self) -> "ThreadPeaks":
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> bool:
+        try:
+            children = self._parent.children()
+        except Exception:  # the launcher has exited
+            return False
+        for child in children:
+            threads = resources.process_resources(child.pid)["threads"]
+            if threads is not None:
+                self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), threads)
+        return True
 
     def per_worker(self, pids: list[int]) -> list[Optional[int]]:
         return [self.peaks.get(pid) for pid in pids]

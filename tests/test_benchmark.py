@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import archs
-from mnist_keras import artifacts, benchmark, runtimes, config as config_lib, data as data_lib, loop, models, train
+from mnist_keras import (
+    archs, artifacts, benchmark, benchmark_inference, benchmark_training, config as config_lib, data as data_lib,
+    folders, loop, models, profiler, runtimes, train)
 from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
 from tests.test_cli import assert_one_line_error, run_script
 
@@ -50,10 +51,10 @@ def test_smoke_benchmark_from_the_command_line(tmp_path):
 
 
 def test_output_folder_checks(tmp_path):
-    benchmark.check_output_dir(tmp_path / "new", overwrite=False)
+    folders.check_output_folder(tmp_path / "new", benchmark.BENCHMARK_FOLDER, overwrite=False)
     (tmp_path / "mine.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not a benchmark folder"):
-        benchmark.check_output_dir(tmp_path, overwrite=True)
+        folders.check_output_folder(tmp_path, benchmark.BENCHMARK_FOLDER, overwrite=True)
 
 
 def test_inference_models_finds_every_format(tmp_path):
@@ -61,7 +62,7 @@ def test_inference_models_finds_every_format(tmp_path):
                  "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    found = [str(path.relative_to(tmp_path)) for path in benchmark.inference_models(tmp_path)]
+    found = [str(path.relative_to(tmp_path)) for path in benchmark_inference.inference_models(tmp_path)]
     assert found == ["model.keras", "saved_model", "export/model_int8.tflite", "model_fp32.tflite"]
 
 
@@ -71,21 +72,21 @@ def test_training_flops_per_image_counts_forward_and_both_gradients():
     conv_2 = 2 * 8 * 8 * 20 * 25 * 10
     dense_1, probabilities = 2 * 320 * 50, 2 * 50 * 10
     # No gradient for the pixels: the first weighted layer costs twice its forward pass, the rest three times.
-    assert benchmark.training_flops_per_image(cnn) == 2 * conv_1 + 3 * (conv_2 + dense_1 + probabilities)
+    assert profiler.training_flops_per_image(cnn) == 2 * conv_1 + 3 * (conv_2 + dense_1 + probabilities)
     mlp = models.build_model("mlp")
-    assert benchmark.training_flops_per_image(mlp) == 2 * 2 * 784 * 120 + 3 * 2 * (120 * 84 + 84 * 10)
+    assert profiler.training_flops_per_image(mlp) == 2 * 2 * 784 * 120 + 3 * 2 * (120 * 84 + 84 * 10)
 
 
 def test_profile_is_left_out_where_the_profiler_output_cannot_be_read(monkeypatch, caplog):
-    monkeypatch.setattr(benchmark, "_xplane_module", lambda: None)
+    monkeypatch.setattr(profiler, "_xplane_module", lambda: None)
     data = data_lib.synthetic_mnist(seed=1, **benchmark.SMOKE_SIZES)
-    assert benchmark.profile_training(BenchmarkConfig(smoke=True), "mlp_small", data, steps=2) is None
+    assert profiler.profile_training(BenchmarkConfig(smoke=True), "mlp_small", data, steps=2) is None
     assert "No training profile" in caplog.text
 
 
 def test_median_skips_the_first_epoch():
-    assert benchmark.median_after_first([9.0, 1.0, 3.0, 2.0]) == 2.0
-    assert benchmark.median_after_first([4.0]) == 4.0
+    assert benchmark_training.median_after_first([9.0, 1.0, 3.0, 2.0]) == 2.0
+    assert benchmark_training.median_after_first([4.0]) == 4.0
 
 
 def test_benchmark_config_is_validated():
@@ -166,7 +167,7 @@ def test_mixed_precision_model_exports_float32_formats(tiny_mnist, tmp_path):
     benchmark.export_for_inference(mixed, "mlp_small", tmp_path)
     images = tiny_mnist.x_test[:16]
     expected = mixed(images.astype("float32")).numpy()
-    assert len(benchmark.inference_models(tmp_path)) == 3
-    for path in benchmark.inference_models(tmp_path):
+    assert len(benchmark_inference.inference_models(tmp_path)) == 3
+    for path in benchmark_inference.inference_models(tmp_path):
         loaded = runtimes.load_model(path)  # The .tflite needs no Flex (bfloat16) ops.
         np.testing.assert_allclose(loaded.predict(images), expected, atol=2e-2)  # bfloat16 vs float32 compute.

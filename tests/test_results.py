@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mnist_keras import benchmark, config as config_lib, results, train
+from mnist_keras import config as config_lib, machine, results, train
 from mnist_keras.cli import results_main
 from mnist_keras.config import ResultsConfig
 
@@ -26,7 +26,7 @@ def test_results_command_writes_the_table_and_json(tmp_path, capsys):
         assert row["epochs"] == results.SMOKE_EPOCHS and row["mean_train_seconds"] > 0
     assert report["rows"][2]["parameters"] == 42_310
     env = report["environment"]
-    assert env["instruction_set"] == benchmark.instruction_set() and env["processor"]
+    assert env["instruction_set"] == machine.instruction_set() and env["processor"]
     assert env["tensorflow_version"] and env["keras_version"]
     assert report["command"] == "python scripts/results.py --arch cnn,mlp_small --recipes default,fast " \
                                 "--seeds 1-2 --smoke"

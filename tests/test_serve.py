@@ -46,32 +46,32 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def test_decode_image_refuses_bad_uploads():
-    from mnist_keras import serve
+    from mnist_keras import serve_classifier
 
     with pytest.raises(ValueError, match="empty upload"):
-        serve.decode_image(b"", 1000)
+        serve_classifier.decode_image(b"", 1000)
     with pytest.raises(ValueError, match="not an image"):
-        serve.decode_image(b"%PDF-1.4 not a picture", 1000)
-    with pytest.raises(serve.InputTooLargeError, match="at most 1000 bytes"):
-        serve.decode_image(b"x" * 1001, 1000)
+        serve_classifier.decode_image(b"%PDF-1.4 not a picture", 1000)
+    with pytest.raises(serve_classifier.InputTooLargeError, match="at most 1000 bytes"):
+        serve_classifier.decode_image(b"x" * 1001, 1000)
     with pytest.raises(ValueError, match="not a readable image"):
         noise = np.random.default_rng(0).integers(0, 256, (40, 40))
-        serve.decode_image(png_bytes(noise)[:800], 10_000)  # a truncated PNG
-    assert serve.decode_image(png_bytes(np.zeros((40, 30))), 10_000).size == (30, 40)
+        serve_classifier.decode_image(png_bytes(noise)[:800], 10_000)  # a truncated PNG
+    assert serve_classifier.decode_image(png_bytes(np.zeros((40, 30))), 10_000).size == (30, 40)
 
 
 def test_decode_image_refuses_too_many_pixels(monkeypatch):
-    from mnist_keras import predict, serve
+    from mnist_keras import predict, serve_classifier
 
-    monkeypatch.setattr(serve, "MAX_PIXELS", 50 * 50)
+    monkeypatch.setattr(serve_classifier, "MAX_PIXELS", 50 * 50)
     with pytest.raises(predict.ImageTooLargeError, match="51x50"):
-        serve.decode_image(png_bytes(np.zeros((50, 51))), 100_000)
+        serve_classifier.decode_image(png_bytes(np.zeros((50, 51))), 100_000)
 
 
 def test_classifier_answers_top_k_and_blank(tiny_model):
-    from mnist_keras import predict, serve
+    from mnist_keras import predict, serve_classifier
 
-    classifier = serve.DigitClassifier(tiny_model, top_k=3)
+    classifier = serve_classifier.DigitClassifier(tiny_model, top_k=3)
     image = np.full((90, 70), 255, np.uint8)
     image[15:75, 30:40] = 0  # a dark "1" on white paper
     result = classifier.classify(image)

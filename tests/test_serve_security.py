@@ -215,15 +215,15 @@ def test_the_file_route_serves_no_server_file(url, upload_dir, path):
 
 def test_the_upload_handler_opens_only_files_in_the_upload_folder(upload_dir):
     pytest.importorskip("gradio")
-    from mnist_keras import serve
+    from mnist_keras import serve_classifier
 
     inside = upload_dir / "digit.png"
     inside.write_bytes(digit_png())
     (upload_dir / "link.png").symlink_to("/etc/passwd")
-    assert serve.uploaded_file(str(inside)) == inside.resolve()
+    assert serve_classifier.uploaded_file(str(inside)) == inside.resolve()
     for path in (*SERVER_FILES, str(upload_dir / "link.png"), str(upload_dir / ".." / "x.png"), str(upload_dir)):
         with pytest.raises(ValueError, match="not an uploaded file"):
-            serve.uploaded_file(path)
+            serve_classifier.uploaded_file(path)
 
 
 def test_page_upload_classifies_an_uploaded_image(url):
@@ -233,7 +233,7 @@ def test_page_upload_classifies_an_uploaded_image(url):
 
 
 def test_oversize_images_are_refused_from_their_header_on_every_route(url):
-    from mnist_keras import serve
+    from mnist_keras import serve_page
 
     bomb = header_only_png(5000, 5000)  # 25 Mpx declared, 60 bytes of data
     assert len(bomb) < 1000
@@ -241,7 +241,7 @@ def test_oversize_images_are_refused_from_their_header_on_every_route(url):
     assert status == 413 and "5000x5000" in answer["error"], answer
     stream = gradio_call(url, "from_upload", file_data(upload(url, bomb)))
     assert "Too large" in stream and "5000x5000" in stream, stream[:300]
-    side = int(serve.SKETCH_MAX_PIXELS ** 0.5) + 1
+    side = int(serve_page.SKETCH_MAX_PIXELS ** 0.5) + 1
     stream = gradio_call(url, "from_sketch", page_value("from_sketch", upload(url, header_only_png(side, side))))
     assert "event: error" in stream and "Canvas image too large" in stream, stream[:300]
     # A bomb past twice Pillow's own limit is refused inside Image.open, the same way.
@@ -251,35 +251,35 @@ def test_oversize_images_are_refused_from_their_header_on_every_route(url):
 
 
 def test_large_images_are_shrunk_while_decoding():
-    from mnist_keras import serve
+    from mnist_keras import serve_classifier
 
-    image = serve.decode_image(digit_png(3000), MAX_UPLOAD)
-    assert max(image.size) <= serve.WORK_SIDE
+    image = serve_classifier.decode_image(digit_png(3000), MAX_UPLOAD)
+    assert max(image.size) <= serve_classifier.WORK_SIDE
     buffer = io.BytesIO()
     Image.new("L", (4000, 3000), 255).save(buffer, format="JPEG")
-    assert max(serve.decode_image(buffer.getvalue(), MAX_UPLOAD).size) <= serve.WORK_SIDE
+    assert max(serve_classifier.decode_image(buffer.getvalue(), MAX_UPLOAD).size) <= serve_classifier.WORK_SIDE
 
 
 def test_only_common_image_formats_are_decoded():
-    from mnist_keras import serve
+    from mnist_keras import serve_classifier
 
     buffer = io.BytesIO()
     Image.new("L", (40, 40), 255).save(buffer, format="TIFF")
     with pytest.raises(ValueError, match="not an image"):
-        serve.decode_image(buffer.getvalue(), MAX_UPLOAD)
+        serve_classifier.decode_image(buffer.getvalue(), MAX_UPLOAD)
 
 
 def test_bomb_handling_leaves_warning_filters_and_pillow_limit_alone():
-    from mnist_keras import predict, serve
+    from mnist_keras import predict, serve_classifier
 
     filters, limit = list(warnings.filters), Image.MAX_IMAGE_PIXELS
     good, bombs = digit_png(), [header_only_png(5000, 5000), header_only_png(12_000, 12_000),
                                 header_only_png(20_000, 20_000)]
-    assert serve.decode_image(good, MAX_UPLOAD).size == (56, 56)
+    assert serve_classifier.decode_image(good, MAX_UPLOAD).size == (56, 56)
 
     def one(index: int) -> str:
         try:
-            serve.decode_image(bombs[index % 3] if index % 2 else good, MAX_UPLOAD)
+            serve_classifier.decode_image(bombs[index % 3] if index % 2 else good, MAX_UPLOAD)
             return "ok"
         except predict.ImageTooLargeError:
             return "too large"
@@ -288,7 +288,7 @@ def test_bomb_handling_leaves_warning_filters_and_pillow_limit_alone():
         outcomes = list(pool.map(one, range(200)))
     assert outcomes.count("ok") == 100 and outcomes.count("too large") == 100
     assert list(warnings.filters) == filters and Image.MAX_IMAGE_PIXELS == limit
-    assert serve.decode_image(good, MAX_UPLOAD).size == (56, 56)
+    assert serve_classifier.decode_image(good, MAX_UPLOAD).size == (56, 56)
 
 
 def test_host_header_allow_list(server, url):
@@ -361,10 +361,10 @@ def test_sketchpad_blob_store_is_bounded():
     import types
 
     import gradio as gr
-    from mnist_keras import serve
+    from mnist_keras import serve_page
 
     with gr.Blocks():
-        sketchpad = serve._bound_sketchpad(gr.Sketchpad())
+        sketchpad = serve_page._bound_sketchpad(gr.Sketchpad())
     assert getattr(sketchpad.accept_blobs, "_is_server_fn", False)  # still callable from the page
 
     def blob(index, id_):
@@ -373,9 +373,9 @@ def test_sketchpad_blob_store_is_bounded():
 
     with pytest.raises(gr.Error):
         sketchpad.accept_blobs(blob(str(10 ** 9), "a"))  # would grow a list of a billion entries
-    for number in range(3 * serve.SKETCH_MAX_PENDING):
+    for number in range(3 * serve_page.SKETCH_MAX_PENDING):
         sketchpad.accept_blobs(blob("0", f"id{number}"))
-    assert len(sketchpad.blob_storage) == serve.SKETCH_MAX_PENDING
+    assert len(sketchpad.blob_storage) == serve_page.SKETCH_MAX_PENDING
 
 
 def _open_fds() -> int:
@@ -509,9 +509,9 @@ def _peak_rss_bytes(pid: int) -> int:
 
 @pytest.mark.slow
 def test_16_concurrent_maximum_size_uploads_stay_in_the_memory_budget(model_file, tmp_path):
-    from mnist_keras import serve
+    from mnist_keras import serve_classifier
 
-    side = int(serve.MAX_PIXELS ** 0.5)
+    side = int(serve_classifier.MAX_PIXELS ** 0.5)
     big = digit_png(side, "RGBA")  # 4096x4096 RGBA: the most pixels and bytes a pixel allowed
     assert len(big) <= MAX_UPLOAD
     process, url = start_serve_script(model_file, tmp_path)
