@@ -8,6 +8,8 @@ so neither can drift from the other.
 
 import ast
 import re
+import subprocess
+import sys
 
 from tests.conftest import REPO_ROOT
 
@@ -54,3 +56,12 @@ def test_floors_rise_and_imports_point_down():
     upward = [f"{module} imports {imported}" for module, imports in package_units().items()
               for imported in sorted(imports) if position[imported] > position[module]]
     assert not upward, upward
+
+
+def test_the_first_floor_imports_no_tensorflow():
+    # So that --help and flag errors answer before TensorFlow's seconds-long import.
+    first = [module for floor, module in readme_floors() if floor == 1]
+    code = (f"import sys; import {', '.join('mnist_keras.' + module for module in first)}; "
+            "print(sorted(name for name in ('tensorflow', 'keras') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", (first, result.stdout, result.stderr)
