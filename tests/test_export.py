@@ -2,7 +2,7 @@
 
 Fast tests export a CNN trained for a few steps on synthetic data once per module
 (about 20 s on two cores: five artifacts, four TFLite conversions). The slow test
-exports the session's real-MNIST CNN and checks the issue's accuracy and size bounds.
+exports the session's real-MNIST CNN and checks the accuracy and size bounds of each artifact.
 """
 
 import dataclasses
