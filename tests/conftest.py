@@ -4,7 +4,6 @@ so MirroredStrategy can be tested on a machine without GPUs."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
@@ -16,8 +15,6 @@ from mnist_keras import data as data_lib  # noqa: E402
 from mnist_keras.strategy import configure_logical_cpus  # noqa: E402
 
 configure_logical_cpus(2)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, benchmark, config as config_lib, data as data_lib, loop, models, train
+from mnist_keras import artifacts, benchmark, cli, config as config_lib, data as data_lib, loop, models, train
 from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
-from tests.test_cli import assert_one_line_error, run_script
+from tests.helpers import assert_one_line_error, run_main
 
 
-def test_smoke_benchmark_from_the_command_line(tmp_path):
+def test_smoke_benchmark_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "bench"
-    result = run_script("scripts/benchmark.py", "--smoke", "--arch", "cnn", "--recipes", "fast",
-                        "--output-dir", str(out), "--verbose", "0")
+    result = run_main(cli.benchmark_main, "--smoke", "--arch", "cnn", "--recipes", "fast",
+                      "--output-dir", str(out), "--verbose", "0", capsys=capsys)
     assert result.returncode == 0, result.stderr
     for heading in ("Training throughput", "Profile of 2 training steps", "Time to 99.0% test accuracy",
                     "Inference", "Process peak RSS"):
@@ -44,7 +44,7 @@ def test_smoke_benchmark_from_the_command_line(tmp_path):
     assert (out / "cnn" / "model_fp32.tflite").is_file() and (out / "cnn" / "saved_model").is_dir()
     assert report["process_peak_rss_mb"] > 0
 
-    again = run_script("scripts/benchmark.py", "--smoke", "--arch", "cnn", "--output-dir", str(out))
+    again = run_main(cli.benchmark_main, "--smoke", "--arch", "cnn", "--output-dir", str(out), capsys=capsys)
     assert_one_line_error(again, str(out), "--overwrite")
 
 

@@ -5,39 +5,15 @@ multi-worker run here is a subprocess (`train.py --workers 2`).
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from mnist_keras import artifacts, backup, launch
+from mnist_keras import artifacts, backup, cli, launch
 from mnist_keras.cli import _CRASH_AFTER_EPOCH_ENV, _WEIGHTS_DUMP_ENV, _without_workers_flag
-from tests.conftest import REPO_ROOT
-
-TRAIN = str(REPO_ROOT / "scripts" / "train.py")
-
-
-def env_with(**extra):
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO_ROOT), **extra}
-
-
-def write_npz(folder, data):
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "mnist.npz", x_train=np.concatenate([data.x_train, data.x_val]),
-             y_train=np.concatenate([data.y_train, data.y_val]), x_test=data.x_test, y_test=data.y_test)
-    return folder
-
-
-def assert_same_weights(folder, workers=2):
-    dumps = [np.load(folder / f"worker{i}.npz") for i in range(workers)]
-    assert len(dumps[0].files) > 0
-    for other in dumps[1:]:
-        assert dumps[0].files == other.files
-        for key in dumps[0].files:
-            np.testing.assert_array_equal(dumps[0][key], other[key])
+from tests.helpers import TRAIN, assert_same_weights, env_with, run_main, write_npz
 
 
 # -- the launcher on its own (no TensorFlow) ----------------------------------
@@ -83,15 +59,15 @@ def test_launcher_stops_the_others_and_names_the_failed_worker(tmp_path):
     assert result.tails[1] == ("dying",)
 
 
-def test_workers_flag_refuses_an_explicit_single_process_strategy():
-    result = subprocess.run([sys.executable, TRAIN, "--workers", "2", "--strategy", "mirrored"],
-                            capture_output=True, text=True, env=env_with(), timeout=120)
+def test_workers_flag_refuses_an_explicit_single_process_strategy(capsys):
+    result = run_main(cli.train_main, "--workers", "2", "--strategy", "mirrored", capsys=capsys)
     assert result.returncode == 2 and "needs --strategy auto or multi_worker" in result.stderr
 
 
 # -- two real workers ------------------------------------------------------------
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path):
     """Crash both workers after epoch 1 (after its backup), start again: resume at epoch 2,
     every worker ends with the same weights, and only the chief wrote the run folder."""

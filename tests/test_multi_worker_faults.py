@@ -17,7 +17,7 @@ import pytest
 
 from mnist_keras import artifacts, launch, resources, watchdog
 from mnist_keras.cli import _HANG_AFTER_EPOCH_ENV
-from tests.test_multi_worker import TRAIN, env_with, write_npz
+from tests.helpers import TRAIN, env_with, write_npz
 
 # The bound the stuck-peer tests give the watchdog (the default is 300 s).
 TEST_STALL_TIMEOUT = 20
@@ -101,6 +101,7 @@ def assert_exits_with_one_line(workers, index, within, *fragments):
     return elapsed
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_dead_peer_ends_the_other_worker_within_a_minute(hand_started):
     workers = hand_started()
     wait_for_epochs(workers.run_dir, 1, 2, workers.processes)
@@ -108,6 +109,7 @@ def test_dead_peer_ends_the_other_worker_within_a_minute(hand_started):
     assert_exits_with_one_line(workers, 0, 60, "worker 0:", "a worker stopped answering")
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_stopped_peer_ends_the_other_worker_within_the_bound(hand_started):
     # SIGSTOP silences the whole process, heartbeats included: TensorFlow's coordination service notices.
     workers = hand_started("--stall-timeout", str(TEST_STALL_TIMEOUT))
@@ -116,6 +118,7 @@ def test_stopped_peer_ends_the_other_worker_within_the_bound(hand_started):
     assert_exits_with_one_line(workers, 0, TEST_STALL_TIMEOUT + 10, "worker 0:", "a worker stopped answering")
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_hung_peer_is_caught_by_the_watchdog(hand_started):
     # Worker 1's main thread hangs after epoch 3 while its process keeps answering heartbeats (a
     # deadlock): only the step watchdog notices, on both workers.
@@ -130,6 +133,7 @@ def test_hung_peer_is_caught_by_the_watchdog(hand_started):
     assert workers.processes[1].returncode == watchdog.EXIT_STALLED
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_ctrl_c_stops_every_worker_and_leaves_no_temporary_files(tmp_path, tiny_mnist):
     data_dir = write_npz(tmp_path / "data", tiny_mnist)
     run_dir, private_tmp = tmp_path / "run", tmp_path / "tmp"

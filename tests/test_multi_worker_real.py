@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from mnist_keras import artifacts, config as config_lib, train
 from mnist_keras.cli import _WEIGHTS_DUMP_ENV
-from tests.test_multi_worker import TRAIN, assert_same_weights, env_with
+from tests.helpers import TRAIN, assert_same_weights, env_with
 
 pytestmark = pytest.mark.slow
 

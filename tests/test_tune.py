@@ -19,10 +19,8 @@ import tensorflow as tf
 from mnist_keras.config import TRAIN_PRESETS
 from mnist_keras import artifacts, cli, loop, models, tune
 from mnist_keras import data as data_lib
-from mnist_keras.config import ConfigError, TuneConfig
-from tests.conftest import REPO_ROOT
-from tests.test_cli import assert_one_line_error, run_script
-from tests.test_data import make_folder
+from mnist_keras.config import ARCHITECTURES, ConfigError, TuneConfig
+from tests.helpers import REPO_ROOT, assert_one_line_error, make_folder, run_main, run_script
 
 
 def tiny_tune_config(**overrides):
@@ -73,6 +71,16 @@ def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data)
     assert probabilities.shape == (4, 10)
     expected = models.build_model("mlp_small", **sizes).count_params()
     assert metrics["parameters"] == expected
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_one_trial_search_of_every_architecture(arch, small_data, tmp_path):
+    result = tune.run(tiny_tune_config(arch=arch, max_trials=1), output_dir=tmp_path / arch, data=small_data,
+                      strategy=tf.distribute.get_strategy())
+    (trial,) = result.trials
+    assert trial["status"] == "COMPLETED" and trial["seed_configuration"]
+    assert trial["hyperparameters"] == tune.seed_hyperparameters(arch)
+    assert (result.output_dir / "best" / artifacts.MODEL_FILE).is_file()
 
 
 def test_poisoned_test_labels_give_the_same_trials(finished_search, small_data, tmp_path):
@@ -174,7 +182,7 @@ def test_seeds_are_the_fixed_models_and_inside_the_default_space():
     assert tune.seed_hyperparameters("mlp") == {"units_1": 120, "units_2": 84, "learning_rate": 1e-3}
     assert tune.seed_hyperparameters("cnn") == {"filters_1": 10, "filters_2": 20, "dense_units": 50,
                                                 "learning_rate": TRAIN_PRESETS["cnn"]["learning_rate"]}
-    for arch in ("mlp", "mlp_small", "cnn"):
+    for arch in ARCHITECTURES:
         tune.check_search_space(TuneConfig(arch=arch))
         assert models.build_model(arch, **tune.builder_arguments(arch, tune.seed_hyperparameters(arch))
                                   ).count_params() == models.build_model(arch).count_params()
@@ -193,12 +201,12 @@ def test_search_space_flag_that_excludes_the_seed_is_one_line():
     (["--min-units", "64", "--max-units", "32"], ["--max-units must be >= 64"]),
     (["--validation-size", "0"], ["--validation-size must be >= 1"]),
 ])
-def test_bad_tune_flags_exit_2(args, fragments):
-    assert_one_line_error(run_script("scripts/tune.py", *args), *fragments)
+def test_bad_tune_flags_exit_2(args, fragments, capsys):
+    assert_one_line_error(run_main(cli.tune_main, *args, capsys=capsys), *fragments)
 
 
-def test_unknown_tuner_exits_2():
-    result = run_script("scripts/tune.py", "--tuner", "grid")
+def test_unknown_tuner_exits_2(capsys):
+    result = run_main(cli.tune_main, "--tuner", "grid", capsys=capsys)
     assert result.returncode == 2 and "invalid choice: 'grid'" in result.stderr
 
 
@@ -208,7 +216,7 @@ def test_help_shows_the_search_spaces():
     for flag in ("--tuner", "--max-trials", "--min-units", "--max-learning-rate", "--strategy"):
         assert flag in result.stdout
     epilog = result.stdout[result.stdout.index("search spaces"):].splitlines()
-    for arch in ("mlp", "mlp_small", "cnn"):
+    for arch in ARCHITECTURES:
         start = next(i for i, line in enumerate(epilog) if line.strip().startswith(arch + " "))
         block = [epilog[start]] + [line for line in epilog[start + 1:start + 3] if line.startswith(" " * 13)]
         shown = [float(value) for line in block for value in line.split("seed ")[1].split(", ")]
