@@ -28,12 +28,6 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
 
-# Test-only hooks, deliberately not flags: a folder where every worker dumps its final weights
-# (worker<i>.npz), an epoch (1-based) after whose backup training dies as if killed, and one after
-# which the main thread hangs while the process stays alive (a deadlock: heartbeats still answered).
-_WEIGHTS_DUMP_ENV = "_MNIST_KERAS_TEST_WEIGHTS_DIR"
-_CRASH_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_CRASH_AFTER_EPOCH"
-_HANG_AFTER_EPOCH_ENV = "_MNIST_KERAS_TEST_HANG_AFTER_EPOCH"
 # Config fields a --config file never sets: replacing a finished run must be asked for each time.
 _NOT_FROM_CONFIG_FILE = ("overwrite",)
 
@@ -179,7 +173,7 @@ def train_main(args: argparse.Namespace) -> int:
 
     output_dir = None if config.dry_run else (config.output_dir or artifacts.default_run_dir(config.arch))
     try:
-        result = train.run(config, output_dir=output_dir, callbacks=_test_callbacks(), on_stall=_exit_stalled)
+        result = train.run(config, output_dir=output_dir, on_stall=_exit_stalled)
     except Exception as error:
         # A multi-worker collective aborted (a peer died or stopped answering): one clear line, not a traceback.
         import tensorflow as tf
@@ -190,7 +184,6 @@ def train_main(args: argparse.Namespace) -> int:
               f"answering ({type(error).__name__}: {_peer_failure_detail(error)}). Start every worker again to "
               "resume from the last epoch's backup.", file=sys.stderr)
         return EXIT_FAILURE
-    _dump_weights_for_tests(result.model)
     metrics = result.metrics
     print(f"{config.arch}: test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
           f"{metrics['epochs']} epochs in {metrics['train_seconds']:.1f} s")
@@ -563,32 +556,6 @@ def _launch_search(argv: Optional[Sequence[str]], tuners: int) -> int:
               f"search", file=sys.stderr)
         return EXIT_FAILURE
     return 0
-
-
-def _dump_weights_for_tests(model) -> None:
-    folder = os.environ.get(_WEIGHTS_DUMP_ENV)
-    if folder:
-        import numpy as np
-
-        from mnist_keras import strategy
-
-        os.makedirs(folder, exist_ok=True)
-        np.savez(os.path.join(folder, f"worker{strategy.tf_config_task_index() or 0}.npz"), *model.get_weights())
-
-
-def _test_callbacks() -> list:
-    crash_after = os.environ.get(_CRASH_AFTER_EPOCH_ENV)
-    hang_after = os.environ.get(_HANG_AFTER_EPOCH_ENV)
-
-    def crash_or_hang(epoch: int, logs: dict) -> None:
-        if crash_after and epoch + 1 == int(crash_after):
-            os._exit(17)  # like kill -9: no cleanup, no exception handling
-        if hang_after and epoch + 1 == int(hang_after):
-            import time
-
-            time.sleep(10**6)
-
-    return [crash_or_hang] if crash_after or hang_after else []
 
 
 def serve_parser() -> argparse.ArgumentParser:

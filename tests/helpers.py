@@ -13,10 +13,14 @@ import numpy as np
 
 from mnist_keras import data as data_lib
 from mnist_keras.config import TrainConfig
+from tests.hooked import train as hooked_train
+from tests.hooked.train import CRASH_AFTER_EPOCH_ENV, HANG_AFTER_EPOCH_ENV, WEIGHTS_DUMP_ENV  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO_ROOT / "scripts" / "train.py")
 TUNE = str(REPO_ROOT / "scripts" / "tune.py")
+# train.py with the test hooks the environment variables above switch on (tests/hooked/train.py).
+HOOKED_TRAIN = hooked_train.__file__
 
 
 # -- running commands ------------------------------------------------------------------------------

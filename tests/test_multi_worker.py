@@ -12,8 +12,9 @@ import time
 import pytest
 
 from mnist_keras import artifacts, backup, cli, launch
-from mnist_keras.cli import _CRASH_AFTER_EPOCH_ENV, _WEIGHTS_DUMP_ENV, _without_workers_flag
-from tests.helpers import TRAIN, assert_same_weights, env_with, run_main, write_npz
+from mnist_keras.cli import _without_workers_flag
+from tests.helpers import (CRASH_AFTER_EPOCH_ENV, HOOKED_TRAIN, WEIGHTS_DUMP_ENV, assert_same_weights, env_with,
+                           run_main, write_npz)
 
 
 # -- the launcher on its own (no TensorFlow) ----------------------------------
@@ -73,11 +74,11 @@ def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path
     every worker ends with the same weights, and only the chief wrote the run folder."""
     data_dir = write_npz(tmp_path / "data", tiny_mnist)
     run_dir, dumps = tmp_path / "run", tmp_path / "weights"
-    command = [sys.executable, TRAIN, "--arch", "mlp_small", "--epochs", "2", "--batch-size", "64",
+    command = [sys.executable, HOOKED_TRAIN, "--arch", "mlp_small", "--epochs", "2", "--batch-size", "64",
                "--validation-size", "128", "--steps-per-execution", "4", "--data-dir", str(data_dir),
                "--output-dir", str(run_dir), "--workers", "2"]
     crashed = subprocess.run(command, capture_output=True, text=True, timeout=400,
-                             env=env_with(**{_CRASH_AFTER_EPOCH_ENV: "1"}))
+                             env=env_with(**{CRASH_AFTER_EPOCH_ENV: "1"}))
     assert crashed.returncode == 1, crashed.stdout + crashed.stderr
     assert "error: worker" in crashed.stderr and "failed (exit status 17)" in crashed.stderr
     assert (run_dir / backup.BACKUP_DIR).is_dir() and not artifacts.is_finished_run(run_dir)
@@ -85,7 +86,7 @@ def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path
     assert list((run_dir / backup.BACKUP_DIR / backup.worker_copy_dir(1)).glob("ckpt-1.index"))
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=400,
-                             env=env_with(**{_WEIGHTS_DUMP_ENV: str(dumps)}))
+                             env=env_with(**{WEIGHTS_DUMP_ENV: str(dumps)}))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     lines = resumed.stdout.splitlines()
     # Worker 0 on the console; every worker's whole output (both attempts) in its log file.
