@@ -95,7 +95,7 @@ def test_benchmark_config_is_validated():
 
 
 def test_recipe_overrides_the_preset_and_flags_override_the_recipe():
-    parser = __import__("mnist_keras.cli", fromlist=["train_parser"]).train_parser()
+    parser = cli.parser("train")
     fast = config_lib.config_from_flags(TrainConfig, parser.parse_args(["--recipe", "fast"]),
                                         config_lib.TRAIN_PRESETS)
     assert fast.recipe == "fast"

@@ -102,7 +102,7 @@ def test_version_and_usage_name_on_every_command(command, capsys, monkeypatch):
 
 
 def test_help_shows_every_arch_default_of_a_preset_flag():
-    text = " ".join(cli.train_parser().format_help().split())
+    text = " ".join(cli.parser("train").format_help().split())
     for arch, preset in config_lib.TRAIN_PRESETS.items():
         warmup = preset.get("warmup_epochs", config_lib.TrainConfig.warmup_epochs)
         assert f"{arch} {warmup}" in text.split("WARMUP_EPOCHS Epochs", 1)[1].split("--", 1)[0]
@@ -119,7 +119,7 @@ def test_config_file_fills_in_and_explicit_flags_win(tmp_path):
                                      seed=7, overwrite=True, output_dir="somewhere")
     path = tmp_path / "config.json"
     path.write_text(__import__("json").dumps({**config_lib.config_to_dict(saved), "hyperparameters": {}}))
-    args = cli.train_parser().parse_args(["--config", str(path), "--seed", "9", "--output-dir", "X"])
+    args = cli.parser("train").parse_args(["--config", str(path), "--seed", "9", "--output-dir", "X"])
     config = cli._config(config_lib.TrainConfig, args, config_lib.TRAIN_PRESETS)
     assert config == __import__("dataclasses").replace(saved, seed=9, output_dir="X", overwrite=False)
 

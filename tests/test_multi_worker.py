@@ -12,7 +12,7 @@ import time
 import pytest
 
 from mnist_keras import artifacts, backup, cli, launch
-from mnist_keras.cli import _without_workers_flag
+from mnist_keras.cli_launch import _without_workers_flag
 from tests.helpers import (CRASH_AFTER_EPOCH_ENV, HOOKED_TRAIN, WEIGHTS_DUMP_ENV, assert_same_weights, env_with,
                            run_main, write_npz)
 
