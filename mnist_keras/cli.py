@@ -92,8 +92,7 @@ class _Parser(argparse.ArgumentParser):
 def parser(name: str) -> argparse.ArgumentParser:
     """The command's parser, named as the user ran it: the flags every command has, then its config's."""
     command = COMMANDS[name]
-    extra = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": command.epilog} \
-        if command.epilog else {}
+    extra = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=command.epilog) if command.epilog else {}
     result = _Parser(prog=prog_name(name), description=command.description, **extra)
     _add_general_flags(result)
     if command.images:
@@ -103,8 +102,8 @@ def parser(name: str) -> argparse.ArgumentParser:
     return result
 
 
-def _add_general_flags(parser_: argparse.ArgumentParser) -> None:
-    general = parser_.add_argument_group("general")
+def _add_general_flags(command_parser: argparse.ArgumentParser) -> None:
+    general = command_parser.add_argument_group("general")
     general.add_argument("--version", action="version", version=f"%(prog)s (mnist_keras) {__version__}")
     general.add_argument("--config", metavar="FILE", default=None,
                          help="Take every setting from a config.json this command wrote (e.g. a run folder's); "

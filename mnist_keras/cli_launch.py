@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from mnist_keras import config as config_lib
 
-EXIT_FAILURE = 1
+EXIT_FAILURE = 1  # the exit status of a command that failed (not one refused for bad input: 2)
 
 
 def _without_workers_flag(argv: Sequence[str]) -> list[str]:

@@ -58,8 +58,8 @@ class HandStartedWorkers:
         for index, tf_config in enumerate(configs):
             with open(self.logs[index], "w") as stderr:
                 self.processes.append(subprocess.Popen(
-                    train_command(data_dir, self.run_dir, *extra, script=script), stdout=subprocess.DEVNULL, stderr=stderr,
-                    env=env_with(TF_CONFIG=tf_config, **env_for(index))))
+                    train_command(data_dir, self.run_dir, *extra, script=script), stdout=subprocess.DEVNULL,
+                    stderr=stderr, env=env_with(TF_CONFIG=tf_config, **env_for(index))))
 
     def stderr(self, index):
         return self.logs[index].read_text()
