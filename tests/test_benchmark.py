@@ -12,6 +12,7 @@ from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
 from tests.helpers import assert_one_line_error, run_main
 
 
+@pytest.mark.slow  # scenario: the whole command end to end (training, profile, export, inference)
 def test_smoke_benchmark_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "bench"
     result = run_main(cli.benchmark_main, "--smoke", "--arch", "cnn", "--recipes", "fast",

@@ -1,7 +1,8 @@
 """The command line as a user meets it: help, one-line errors, exit codes.
 
-In process through the entry functions (`cli.train_main(argv)`), except one run of the script itself
-and one that needs a fresh process to show what TensorFlow prints as it starts.
+In process through the entry functions (`cli.train_main(argv)`): a subprocess pays Python's start-up and
+often a TensorFlow import. Each script runs once in its own process (--help or --version: no TensorFlow),
+and the quiet start-up test (marked slow) needs a fresh process to see what TensorFlow prints as it starts.
 """
 
 import sys

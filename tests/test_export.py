@@ -156,6 +156,7 @@ def test_tflite_with_a_fixed_batch_is_fed_one_image_at_a_time(tmp_path, caplog):
     assert len(loaded.predict(images[:3])) == 3
 
 
+@pytest.mark.slow  # scenario: train --export end to end (a training, then every export)
 def test_train_with_export_flag_exports_the_run(tmp_path, capsys):
     """`train.py --export`, in-process through the CLI entry point, on a tiny IDX folder."""
     make_folder(tmp_path / "data", train=96, test=32)

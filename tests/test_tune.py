@@ -73,6 +73,7 @@ def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data)
     assert metrics["parameters"] == expected
 
 
+@pytest.mark.slow  # scenario: a second whole search, compared with the first
 def test_poisoned_test_labels_give_the_same_trials(finished_search, small_data, tmp_path):
     poisoned = dataclasses.replace(small_data, y_test=((small_data.y_test + 1) % 10).astype(np.uint8))
     result = tune.run(tiny_tune_config(), output_dir=tmp_path / "poisoned", data=poisoned,
@@ -95,6 +96,7 @@ def test_finished_search_is_not_replaced_without_overwrite(finished_search, smal
     assert (finished_search.output_dir / "best.json").read_bytes() == before
 
 
+@pytest.mark.slow  # scenario: a search interrupted, then run again
 def test_interrupted_search_resumes_without_retraining_finished_trials(small_data, tmp_path, monkeypatch):
     folder = tmp_path / "search"
     calls = []
@@ -157,6 +159,7 @@ def test_every_trial_failing_is_an_error_with_the_cause(tmp_path, monkeypatch, c
     assert all(t["status"] == "FAILED" for t in json.loads((out / "trials.json").read_text()))
 
 
+@pytest.mark.slow  # scenario: a hyperband search of 4 CNN trials, up to 3 epochs each
 def test_hyperband_continues_a_trial_from_its_parent(small_data, tmp_path):
     config = tiny_tune_config(arch="cnn", tuner="hyperband", max_trials=4, epochs=3, batch_size=64)
     result = tune.run(config, output_dir=tmp_path / "hyperband", data=small_data)
