@@ -1,8 +1,9 @@
 """What each command does once cli.py has parsed its flags into a config: run the library, print the outcome.
 
 Every job is `job(config, call) -> exit status`; `call` says how the command was run (its name in
-error lines, and its argv for the processes a launcher starts). TensorFlow is imported inside the
-jobs, so that --help and bad flags answer without it.
+error lines, and its argv for the processes a launcher starts). A job's docstring is its command's
+--help description (cli.COMMANDS). TensorFlow is imported inside the jobs, so that --help and bad
+flags answer without it.
 """
 
 from __future__ import annotations
