@@ -17,8 +17,6 @@ from mnist_keras.strategy import configure_logical_cpus  # noqa: E402
 
 configure_logical_cpus(2)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains on the real MNIST (needs MNIST_DATA_DIR)")

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import artifacts, backup, train
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 
 
 class Crash(RuntimeError):

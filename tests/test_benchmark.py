@@ -8,16 +8,17 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import (
-    archs, artifacts, benchmark, benchmark_inference, benchmark_training, config as config_lib, data as data_lib,
-    folders, loop, models, profiler, runtimes, train)
+    archs, artifacts, benchmark, benchmark_inference, benchmark_training, cli, config as config_lib,
+    data as data_lib, folders, loop, models, profiler, runtimes, train)
 from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
-from tests.test_cli import assert_one_line_error, run_script
+from tests.helpers import assert_one_line_error, run_main
 
 
-def test_smoke_benchmark_from_the_command_line(tmp_path):
+@pytest.mark.slow  # scenario: the whole command end to end (training, profile, export, inference)
+def test_smoke_benchmark_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "bench"
-    result = run_script("scripts/benchmark.py", "--smoke", "--arch", "cnn", "--recipes", "fast",
-                        "--output-dir", str(out), "--verbose", "0")
+    result = run_main(cli.benchmark_main, "--smoke", "--arch", "cnn", "--recipes", "fast",
+                      "--output-dir", str(out), "--verbose", "0", capsys=capsys)
     assert result.returncode == 0, result.stderr
     for heading in ("Training throughput", "Profile of 2 training steps", "Time to 99.0% test accuracy",
                     "Inference", "Process peak RSS"):
@@ -46,7 +47,7 @@ def test_smoke_benchmark_from_the_command_line(tmp_path):
     assert (out / "cnn" / "model_fp32.tflite").is_file() and (out / "cnn" / "saved_model").is_dir()
     assert report["process_peak_rss_mb"] > 0
 
-    again = run_script("scripts/benchmark.py", "--smoke", "--arch", "cnn", "--output-dir", str(out))
+    again = run_main(cli.benchmark_main, "--smoke", "--arch", "cnn", "--output-dir", str(out), capsys=capsys)
     assert_one_line_error(again, str(out), "--overwrite")
 
 
@@ -97,7 +98,7 @@ def test_benchmark_config_is_validated():
 
 
 def test_recipe_overrides_the_preset_and_flags_override_the_recipe():
-    parser = __import__("mnist_keras.cli", fromlist=["train_parser"]).train_parser()
+    parser = cli.parser("train")
     fast = config_lib.config_from_flags(TrainConfig, parser.parse_args(["--recipe", "fast"]),
                                         archs.presets())
     assert fast.recipe == "fast"

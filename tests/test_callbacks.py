@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from mnist_keras import launch, train
 from mnist_keras.config import TrainConfig
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 EPOCHS = 5
 
@@ -101,6 +101,7 @@ print("EPOCHS", len(result.history["loss"]), result.metrics["replicas"])
 """ % EPOCHS
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_early_stopping_and_csv_logger_under_two_workers(tmp_path):
     output = tmp_path / "workers.txt"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

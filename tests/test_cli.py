@@ -1,32 +1,19 @@
-"""The command line as a user meets it: help, one-line errors, exit codes."""
+"""The command line as a user meets it: help, one-line errors, exit codes.
 
-import gzip
-import os
-import subprocess
+In process through the entry functions (`cli.train_main(argv)`): a subprocess pays Python's start-up and
+often a TensorFlow import. Each script runs once in its own process (--help or --version: no TensorFlow),
+and the quiet start-up test (marked slow) needs a fresh process to see what TensorFlow prints as it starts.
+"""
+
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.test_data import idx_bytes, make_folder
-
-
-def run_script(*args, env_extra=None, cwd=None):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env_extra or {})}
-    args = [str(REPO_ROOT / a) if a.startswith("scripts/") else a for a in args]
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or REPO_ROOT, timeout=300)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from mnist_keras import archs
+from mnist_keras import __version__, cli
+from mnist_keras import config as config_lib
+from tests.helpers import REPO_ROOT, assert_one_line_error, idx_bytes, make_folder, run_main, run_script
 
 
 def test_train_help_lists_generated_flags():
@@ -36,10 +23,18 @@ def test_train_help_lists_generated_flags():
         assert flag in result.stdout
 
 
-def test_bad_flag_value_exits_2():
-    result = run_script("scripts/train.py", "--epochs", "0")
+@pytest.mark.parametrize("command", ["evaluate", "predict", "benchmark", "results"])
+def test_script_runs_its_entry_function(command):
+    """The scripts whose other tests run in process (train, tune, export and serve run theirs elsewhere)."""
+    result = run_script(f"scripts/{command}.py", "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{command}.py (mnist_keras) {__version__}"
+
+
+def test_bad_flag_value_exits_2(capsys):
+    result = run_main(cli.train_main, "--epochs", "0", capsys=capsys)
     assert_one_line_error(result, "--epochs must be >= 1")
-    result = run_script("scripts/train.py", "--arch", "resnet")
+    result = run_main(cli.train_main, "--arch", "resnet", capsys=capsys)
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
@@ -49,23 +44,23 @@ def test_bad_flag_value_exits_2():
                                                                                  "wrong magic number"]),
     ({"y_train": np.zeros(7)}, ["train-labels-idx1-ubyte.gz", "7 labels but"]),
 ])
-def test_bad_idx_file_is_one_line(tmp_path, override, fragments):
+def test_bad_idx_file_is_one_line(tmp_path, override, fragments, capsys):
     make_folder(tmp_path / "data", overrides=override)
     out = tmp_path / "out"
-    result = run_script("scripts/train.py", "--arch", "mlp_small", "--data-dir", str(tmp_path / "data"),
-                        "--output-dir", str(out))
+    result = run_main(cli.train_main, "--arch", "mlp_small", "--data-dir", str(tmp_path / "data"),
+                      "--output-dir", str(out), capsys=capsys)
     assert_one_line_error(result, *fragments)
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_existing_output_refused_by_cli(tmp_path):
+def test_existing_output_refused_by_cli(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".mnist_keras_run").write_text("")  # a finished run of this package's
     (out / "metrics.json").write_text('{"test_accuracy": 0.99}')
     make_folder(tmp_path / "data", train=40)
-    result = run_script("scripts/train.py", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
-                        "--validation-size", "8", "--batch-size", "8", "--epochs", "1")
+    result = run_main(cli.train_main, "--data-dir", str(tmp_path / "data"), "--output-dir", str(out),
+                      "--validation-size", "8", "--batch-size", "8", "--epochs", "1", capsys=capsys)
     assert_one_line_error(result, str(out), "--overwrite")
     assert (out / "metrics.json").read_text() == '{"test_accuracy": 0.99}'
 
@@ -73,6 +68,7 @@ def test_existing_output_refused_by_cli(tmp_path):
 NOISE = ("I0000", "W0000", "E0000", "WARNING: All log messages", "INFO absl", "INFO tensorflow")
 
 
+@pytest.mark.slow  # a fresh process: only a new TensorFlow import prints start-up lines to hide
 def test_dry_run_from_the_command_line_is_quiet(tmp_path):
     """TensorFlow's start-up lines hidden (whatever TF_CPP_MIN_LOG_LEVEL says), and in a pipe the
     progress bar is one plain line per epoch."""
@@ -91,10 +87,6 @@ def test_dry_run_from_the_command_line_is_quiet(tmp_path):
 
 # -- flags every command has -------------------------------------------------------------------------
 
-from mnist_keras import archs
-from mnist_keras import __version__, cli  # noqa: E402
-from mnist_keras import config as config_lib  # noqa: E402
-
 COMMANDS = ("train", "export", "tune", "evaluate", "predict", "benchmark", "serve")
 
 
@@ -112,7 +104,7 @@ def test_version_and_usage_name_on_every_command(command, capsys, monkeypatch):
 
 
 def test_help_shows_every_arch_default_of_a_preset_flag():
-    text = " ".join(cli.train_parser().format_help().split())
+    text = " ".join(cli.parser("train").format_help().split())
     for arch, preset in archs.presets().items():
         warmup = preset.get("warmup_epochs", config_lib.TrainConfig.warmup_epochs)
         assert f"{arch} {warmup}" in text.split("WARMUP_EPOCHS Epochs", 1)[1].split("--", 1)[0]
@@ -129,7 +121,7 @@ def test_config_file_fills_in_and_explicit_flags_win(tmp_path):
                                      seed=7, overwrite=True, output_dir="somewhere")
     path = tmp_path / "config.json"
     path.write_text(__import__("json").dumps({**config_lib.config_to_dict(saved), "hyperparameters": {}}))
-    args = cli.train_parser().parse_args(["--config", str(path), "--seed", "9", "--output-dir", "X"])
+    args = cli.parser("train").parse_args(["--config", str(path), "--seed", "9", "--output-dir", "X"])
     config = cli._config(config_lib.TrainConfig, args, archs.presets())
     assert config == __import__("dataclasses").replace(saved, seed=9, output_dir="X", overwrite=False)
 

@@ -1,42 +1,10 @@
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from mnist_keras import data as data_lib, data_sources
 from mnist_keras.data import DataError
-
-
-def idx_bytes(array: np.ndarray, magic_type: int = 0x08) -> bytes:
-    header = bytes([0, 0, magic_type, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(path, array, compress=True, raw_bytes=None):
-    payload = raw_bytes if raw_bytes is not None else idx_bytes(array)
-    if compress:
-        with gzip.open(f"{path}.gz", "wb") as handle:
-            handle.write(payload)
-        return f"{path}.gz"
-    path.write_bytes(payload)
-    return str(path)
-
-
-def make_folder(folder, train=20, test=10, compress=True, overrides=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    arrays = {
-        "x_train": rng.integers(0, 256, (train, 28, 28)), "y_train": rng.integers(0, 10, train),
-        "x_test": rng.integers(0, 256, (test, 28, 28)), "y_test": rng.integers(0, 10, test),
-    }
-    paths = {}
-    for key, stem in data_sources.IDX_FILES.items():
-        raw = (overrides or {}).get(key)
-        array = raw if isinstance(raw, np.ndarray) else arrays[key]
-        paths[key] = write_idx(folder / stem, array, compress, raw if isinstance(raw, bytes) else None)
-    return arrays, paths
+from tests.helpers import idx_bytes, make_folder
 
 
 @pytest.mark.parametrize("compress", [True, False])

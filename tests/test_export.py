@@ -19,8 +19,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import artifacts, cli, config as config_lib, export, models, runtimes
-from tests.test_cli import assert_one_line_error, run_script
-from tests.test_data import make_folder
+from tests.helpers import assert_one_line_error, make_folder, run_main, run_script
 
 TFLITE_NAMES = [f"tflite_{variant}" for variant in config_lib.TFLITE_VARIANTS]
 
@@ -82,6 +81,7 @@ def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_pro
     assert sorted(p.name for p in folder.parent.iterdir()) == ["export", "model.keras"]
 
 
+@pytest.mark.slow  # integration: a fresh process with TensorFlow alone
 def test_saved_model_reloads_with_tensorflow_alone(exported, tiny_mnist, keras_probabilities, tmp_path):
     np.save(tmp_path / "images.npy", tiny_mnist.x_test)
     script = textwrap.dedent(f"""
@@ -156,6 +156,7 @@ def test_tflite_with_a_fixed_batch_is_fed_one_image_at_a_time(tmp_path, caplog):
     assert len(loaded.predict(images[:3])) == 3
 
 
+@pytest.mark.slow  # scenario: train --export end to end (a training, then every export)
 def test_train_with_export_flag_exports_the_run(tmp_path, capsys):
     """`train.py --export`, in-process through the CLI entry point, on a tiny IDX folder."""
     make_folder(tmp_path / "data", train=96, test=32)
@@ -211,8 +212,9 @@ def test_bad_export_input_is_one_line_and_writes_nothing(case, tmp_path, exporte
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_export_script_missing_model_exits_2(tmp_path):
-    result = run_script("scripts/export.py", "--arch", "cnn", cwd=tmp_path)
+def test_export_script_missing_model_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_main(cli.export_main, "--arch", "cnn", capsys=capsys)
     assert_one_line_error(result, "saved_models/cnn/model.keras", "no such model")
     assert list(tmp_path.iterdir()) == []
     result = run_script("scripts/export.py", "--tflite", "int4", cwd=tmp_path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mnist_keras import artifacts, cli, folders, train
-from tests.test_data import make_folder
+from tests.helpers import make_folder
 
 FAST = ["--arch", "mlp_small", "--epochs", "1", "--batch-size", "8", "--validation-size", "8", "--verbose", "0"]
 

@@ -5,39 +5,16 @@ multi-worker run here is a subprocess (`train.py --workers 2`).
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from mnist_keras import artifacts, backup, launch
-from mnist_keras.cli import _CRASH_AFTER_EPOCH_ENV, _WEIGHTS_DUMP_ENV, _without_workers_flag
-from tests.conftest import REPO_ROOT
-
-TRAIN = str(REPO_ROOT / "scripts" / "train.py")
-
-
-def env_with(**extra):
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO_ROOT), **extra}
-
-
-def write_npz(folder, data):
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "mnist.npz", x_train=np.concatenate([data.x_train, data.x_val]),
-             y_train=np.concatenate([data.y_train, data.y_val]), x_test=data.x_test, y_test=data.y_test)
-    return folder
-
-
-def assert_same_weights(folder, workers=2):
-    dumps = [np.load(folder / f"worker{i}.npz") for i in range(workers)]
-    assert len(dumps[0].files) > 0
-    for other in dumps[1:]:
-        assert dumps[0].files == other.files
-        for key in dumps[0].files:
-            np.testing.assert_array_equal(dumps[0][key], other[key])
+from mnist_keras import artifacts, backup, cli, launch
+from mnist_keras.cli_launch import _without_workers_flag
+from tests.helpers import (CRASH_AFTER_EPOCH_ENV, HOOKED_TRAIN, WEIGHTS_DUMP_ENV, assert_same_weights, env_with,
+                           run_main, write_npz)
 
 
 # -- the launcher on its own (no TensorFlow) ----------------------------------
@@ -83,25 +60,25 @@ def test_launcher_stops_the_others_and_names_the_failed_worker(tmp_path):
     assert result.tails[1] == ("dying",)
 
 
-def test_workers_flag_refuses_an_explicit_single_process_strategy():
-    result = subprocess.run([sys.executable, TRAIN, "--workers", "2", "--strategy", "mirrored"],
-                            capture_output=True, text=True, env=env_with(), timeout=120)
+def test_workers_flag_refuses_an_explicit_single_process_strategy(capsys):
+    result = run_main(cli.train_main, "--workers", "2", "--strategy", "mirrored", capsys=capsys)
     assert result.returncode == 2 and "needs --strategy auto or multi_worker" in result.stderr
 
 
 # -- two real workers ------------------------------------------------------------
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path):
     """Crash both workers after epoch 1 (after its backup), start again: resume at epoch 2,
     every worker ends with the same weights, and only the chief wrote the run folder."""
     data_dir = write_npz(tmp_path / "data", tiny_mnist)
     run_dir, dumps = tmp_path / "run", tmp_path / "weights"
-    command = [sys.executable, TRAIN, "--arch", "mlp_small", "--epochs", "2", "--batch-size", "64",
+    command = [sys.executable, HOOKED_TRAIN, "--arch", "mlp_small", "--epochs", "2", "--batch-size", "64",
                "--validation-size", "128", "--steps-per-execution", "4", "--data-dir", str(data_dir),
                "--output-dir", str(run_dir), "--workers", "2"]
     crashed = subprocess.run(command, capture_output=True, text=True, timeout=400,
-                             env=env_with(**{_CRASH_AFTER_EPOCH_ENV: "1"}))
+                             env=env_with(**{CRASH_AFTER_EPOCH_ENV: "1"}))
     assert crashed.returncode == 1, crashed.stdout + crashed.stderr
     assert "error: worker" in crashed.stderr and "failed (exit status 17)" in crashed.stderr
     assert (run_dir / backup.BACKUP_DIR).is_dir() and not artifacts.is_finished_run(run_dir)
@@ -109,7 +86,7 @@ def test_two_workers_resume_after_a_crash_and_end_identical(tiny_mnist, tmp_path
     assert list((run_dir / backup.BACKUP_DIR / backup.worker_copy_dir(1)).glob("ckpt-1.index"))
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=400,
-                             env=env_with(**{_WEIGHTS_DUMP_ENV: str(dumps)}))
+                             env=env_with(**{WEIGHTS_DUMP_ENV: str(dumps)}))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     lines = resumed.stdout.splitlines()
     # Worker 0 on the console; every worker's whole output (both attempts) in its log file.

@@ -16,8 +16,7 @@ import psutil
 import pytest
 
 from mnist_keras import artifacts, launch, resources, watchdog
-from mnist_keras.cli import _HANG_AFTER_EPOCH_ENV
-from tests.test_multi_worker import TRAIN, env_with, write_npz
+from tests.helpers import HANG_AFTER_EPOCH_ENV, HOOKED_TRAIN, TRAIN, env_with, write_npz
 
 # The bound the stuck-peer tests give the watchdog (the default is 300 s).
 TEST_STALL_TIMEOUT = 20
@@ -25,8 +24,8 @@ TEST_STALL_TIMEOUT = 20
 TF_LOG_LINE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl)")
 
 
-def train_command(data_dir, run_dir, *extra):
-    return [sys.executable, TRAIN, "--arch", "mlp_small", "--epochs", "1000", "--batch-size", "16",
+def train_command(data_dir, run_dir, *extra, script=TRAIN):
+    return [sys.executable, script, "--arch", "mlp_small", "--epochs", "1000", "--batch-size", "16",
             "--validation-size", "0", "--steps-per-execution", "10", "--data-dir", str(data_dir),
             "--output-dir", str(run_dir), "--verbose", "0", *extra]
 
@@ -50,7 +49,7 @@ def wait_for_epochs(run_dir, worker, epochs, processes, timeout=300):
 class HandStartedWorkers:
     """Two workers started by hand with TF_CONFIG (no launcher), output in files."""
 
-    def __init__(self, tmp_path, tiny_mnist, *extra, env_for=lambda index: {}):
+    def __init__(self, tmp_path, tiny_mnist, *extra, env_for=lambda index: {}, script=TRAIN):
         data_dir = write_npz(tmp_path / "data", tiny_mnist)
         self.run_dir = tmp_path / "run"
         self.logs = [tmp_path / f"worker{index}.err" for index in range(2)]
@@ -59,8 +58,8 @@ class HandStartedWorkers:
         for index, tf_config in enumerate(configs):
             with open(self.logs[index], "w") as stderr:
                 self.processes.append(subprocess.Popen(
-                    train_command(data_dir, self.run_dir, *extra), stdout=subprocess.DEVNULL, stderr=stderr,
-                    env=env_with(TF_CONFIG=tf_config, **env_for(index))))
+                    train_command(data_dir, self.run_dir, *extra, script=script), stdout=subprocess.DEVNULL,
+                    stderr=stderr, env=env_with(TF_CONFIG=tf_config, **env_for(index))))
 
     def stderr(self, index):
         return self.logs[index].read_text()
@@ -101,6 +100,7 @@ def assert_exits_with_one_line(workers, index, within, *fragments):
     return elapsed
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_dead_peer_ends_the_other_worker_within_a_minute(hand_started):
     workers = hand_started()
     wait_for_epochs(workers.run_dir, 1, 2, workers.processes)
@@ -108,6 +108,7 @@ def test_dead_peer_ends_the_other_worker_within_a_minute(hand_started):
     assert_exits_with_one_line(workers, 0, 60, "worker 0:", "a worker stopped answering")
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_stopped_peer_ends_the_other_worker_within_the_bound(hand_started):
     # SIGSTOP silences the whole process, heartbeats included: TensorFlow's coordination service notices.
     workers = hand_started("--stall-timeout", str(TEST_STALL_TIMEOUT))
@@ -116,11 +117,12 @@ def test_stopped_peer_ends_the_other_worker_within_the_bound(hand_started):
     assert_exits_with_one_line(workers, 0, TEST_STALL_TIMEOUT + 10, "worker 0:", "a worker stopped answering")
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_hung_peer_is_caught_by_the_watchdog(hand_started):
     # Worker 1's main thread hangs after epoch 3 while its process keeps answering heartbeats (a
     # deadlock): only the step watchdog notices, on both workers.
-    workers = hand_started("--stall-timeout", str(TEST_STALL_TIMEOUT),
-                           env_for=lambda index: {_HANG_AFTER_EPOCH_ENV: "3"} if index == 1 else {})
+    workers = hand_started("--stall-timeout", str(TEST_STALL_TIMEOUT), script=HOOKED_TRAIN,
+                           env_for=lambda index: {HANG_AFTER_EPOCH_ENV: "3"} if index == 1 else {})
     wait_for_epochs(workers.run_dir, 1, 3, workers.processes)
     elapsed = assert_exits_with_one_line(workers, 0, TEST_STALL_TIMEOUT + 15,
                                          f"worker 0: no training step finished in {TEST_STALL_TIMEOUT} s",
@@ -130,6 +132,7 @@ def test_hung_peer_is_caught_by_the_watchdog(hand_started):
     assert workers.processes[1].returncode == watchdog.EXIT_STALLED
 
 
+@pytest.mark.slow  # integration: several processes, each paying a TensorFlow import
 def test_ctrl_c_stops_every_worker_and_leaves_no_temporary_files(tmp_path, tiny_mnist):
     data_dir = write_npz(tmp_path / "data", tiny_mnist)
     run_dir, private_tmp = tmp_path / "run", tmp_path / "tmp"

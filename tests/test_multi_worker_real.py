@@ -18,8 +18,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import artifacts, config as config_lib, train
-from mnist_keras.cli import _WEIGHTS_DUMP_ENV
-from tests.test_multi_worker import TRAIN, assert_same_weights, env_with
+from tests.helpers import HOOKED_TRAIN, TRAIN, WEIGHTS_DUMP_ENV, assert_same_weights, env_with
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +40,8 @@ def single_process_accuracy(real_mnist):
     return train.run(cnn_config(), data=real_mnist, strategy=tf.distribute.get_strategy()).metrics["test_accuracy"]
 
 
-def cli_command(real_mnist_dir, run_dir, *extra):
-    return [sys.executable, TRAIN, "--arch", "cnn", "--epochs", str(EPOCHS), "--data-dir", str(real_mnist_dir),
+def cli_command(real_mnist_dir, run_dir, *extra, script=TRAIN):
+    return [sys.executable, script, "--arch", "cnn", "--epochs", str(EPOCHS), "--data-dir", str(real_mnist_dir),
             "--output-dir", str(run_dir), *extra]
 
 
@@ -80,9 +79,10 @@ def two_worker_run(real_mnist_dir, tmp_path_factory):
     """(run folder, weight dumps) of an uninterrupted `--workers 2` run."""
     folder = tmp_path_factory.mktemp("two_workers")
     run_dir, dumps = folder / "run", folder / "weights"
-    result = subprocess.run(cli_command(real_mnist_dir, run_dir, "--workers", "2", "--verbose", "0"),
+    result = subprocess.run(cli_command(real_mnist_dir, run_dir, "--workers", "2", "--verbose", "0",
+                                        script=HOOKED_TRAIN),
                             capture_output=True, text=True, timeout=900,
-                            env=env_with(**{_WEIGHTS_DUMP_ENV: str(dumps)}))
+                            env=env_with(**{WEIGHTS_DUMP_ENV: str(dumps)}))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, dumps
 

@@ -183,7 +183,7 @@ def untrained_model_file(tmp_path_factory):
     from mnist_keras import models
 
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    models.build_mlp_small().save(path)
+    models.build_model("mlp_small").save(path)
     return path
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mnist_keras import data as data_lib
+from mnist_keras import archs
+from mnist_keras import config as config_lib, data as data_lib
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_real_split_sizes(real_mnist):
     assert real_mnist.y_test.max() == 9
 
 
-@pytest.mark.parametrize("arch", ["cnn", "mlp", "mlp_small"])
+@pytest.mark.parametrize("arch", archs.names())
 def test_default_recipe_beats_the_published_accuracy(trained_run_dirs, arch):
     metrics = json.loads((trained_run_dirs[arch] / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= ACCURACY_FLOOR[arch], metrics

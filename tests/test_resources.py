@@ -12,8 +12,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import artifacts, resources, train
-from tests.test_multi_worker import TRAIN, env_with, write_npz
-from tests.test_train import tiny_config
+from tests.helpers import TRAIN, env_with, tiny_config, write_npz
 
 # 640 training images (tiny_mnist's 512 + 128, no validation split) in batches of 16: 40 steps an epoch.
 BATCH_SIZE = 16
@@ -44,6 +43,7 @@ def flat_config(**overrides):
                        steps_per_execution=STEPS_PER_EXECUTION, **overrides)
 
 
+@pytest.mark.slow  # integration: 2,000 steps
 @pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
 def test_resources_stay_flat_in_process(tiny_mnist, tmp_path, strategy_name):
     if strategy_name == "mirrored":
@@ -64,6 +64,7 @@ def _without_validation(data):
                                x_val=data.x_val[:0], y_val=data.y_val[:0])
 
 
+@pytest.mark.slow  # integration: 2,000 steps on two worker processes
 def test_resources_stay_flat_with_two_workers(tiny_mnist, tmp_path):
     data_dir = write_npz(tmp_path / "data", tiny_mnist)
     run_dir = tmp_path / "run"
@@ -78,6 +79,7 @@ def test_resources_stay_flat_with_two_workers(tiny_mnist, tmp_path):
         assert_flat(records, f"worker {worker}")
 
 
+@pytest.mark.slow  # integration: the launcher and two worker processes
 def test_soak_smoke_reports_every_worker_and_epoch(tmp_path, capsys):
     from mnist_keras import cli, soak
 

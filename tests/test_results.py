@@ -10,6 +10,7 @@ from mnist_keras.cli import results_main
 from mnist_keras.config import ResultsConfig
 
 
+@pytest.mark.slow  # scenario: the whole command end to end, seven trainings
 def test_results_command_writes_the_table_and_json(tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["--smoke", "--seeds", "1-2", "--arch", "cnn,mlp_small", "--recipes", "default,fast",

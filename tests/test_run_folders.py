@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from mnist_keras import artifacts, cli, evaluate, folders, train
 from mnist_keras.config import EvaluateConfig, TrainConfig
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def tiny_config(**overrides):
@@ -119,6 +119,7 @@ evaluate.run(EvaluateConfig(overwrite=True), sys.argv[1], sys.argv[2], data=tiny
 """
 
 
+@pytest.mark.slow  # integration: an evaluation in its own process, killed with SIGKILL
 def test_killed_evaluate_leaves_the_old_evaluation_intact(evaluated_run, tiny_mnist):
     folder, output = evaluated_run
     before = contents(output)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from mnist_keras.config import ConfigError, ServeConfig
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT, assert_one_line_error, run_main, run_script
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "serve"
 CHROMIUM = "/usr/bin/chromium"
@@ -317,13 +317,13 @@ def test_bad_input_gets_a_clear_answer_and_the_app_keeps_serving(app_url, browse
     assert status == 200 and answer["digit"] == real_mnist.y_test[0]
 
 
-def test_serve_command_line_help_and_one_line_errors(tmp_path):
-    from tests.test_cli import assert_one_line_error, run_script
+def test_serve_command_line_help_and_one_line_errors(tmp_path, capsys):
+    from mnist_keras import cli
 
     result = run_script("scripts/serve.py", "--help")
     assert result.returncode == 0
     for flag in ("--arch", "--model", "--host", "--port", "--max-upload-bytes"):
         assert flag in result.stdout
-    assert_one_line_error(run_script("scripts/serve.py", "--model", str(tmp_path / "missing.keras")),
+    assert_one_line_error(run_main(cli.serve_main, "--model", str(tmp_path / "missing.keras"), capsys=capsys),
                           "missing.keras", "no such model")
-    assert_one_line_error(run_script("scripts/serve.py", "--port", "-1"), "--port must be >= 0")
+    assert_one_line_error(run_main(cli.serve_main, "--port", "-1", capsys=capsys), "--port must be >= 0")

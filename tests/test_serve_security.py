@@ -35,7 +35,7 @@ import pytest
 from PIL import Image
 
 from mnist_keras.config import ServeConfig
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "serve"
 SERVER_FILES = ("/etc/passwd", str(REPO_ROOT / "docs" / "serve.png"), "/dev/zero")

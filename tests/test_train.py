@@ -6,14 +6,8 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras import artifacts, loop, models, train
-from mnist_keras.config import TrainConfig
-
-
-def tiny_config(**overrides):
-    values = dict(arch="mlp_small", epochs=2, batch_size=32, learning_rate=1e-2, seed=3, verbose=0,
-                  steps_per_execution=5)
-    values.update(overrides)
-    return TrainConfig(**values)
+from mnist_keras import archs
+from tests.helpers import tiny_config
 
 
 def test_end_to_end_writes_the_run_folder(tiny_mnist, tmp_path):
@@ -56,8 +50,9 @@ def test_foreign_folder_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_dry_run_writes_nothing(tiny_mnist, tmp_path):
-    result = train.run(tiny_config(dry_run=True, epochs=5), data=tiny_mnist, output_dir=tmp_path / "run")
+@pytest.mark.parametrize("arch", archs.names())
+def test_dry_run_writes_nothing(tiny_mnist, tmp_path, arch):
+    result = train.run(tiny_config(arch=arch, dry_run=True, epochs=5), data=tiny_mnist, output_dir=tmp_path / "run")
     assert result.output_dir is None and not (tmp_path / "run").exists()
     assert result.metrics["epochs"] == 1 and result.metrics["train_examples"] == 64
 

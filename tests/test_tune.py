@@ -21,9 +21,7 @@ from mnist_keras import tune_space
 from mnist_keras import artifacts, cli, loop, models, runtimes, tune
 from mnist_keras import data as data_lib
 from mnist_keras.config import ConfigError, TuneConfig
-from tests.conftest import REPO_ROOT
-from tests.test_cli import assert_one_line_error, run_script
-from tests.test_data import make_folder
+from tests.helpers import REPO_ROOT, assert_one_line_error, make_folder, run_main, run_script
 
 
 def tiny_tune_config(**overrides):
@@ -76,6 +74,7 @@ def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data)
     assert metrics["parameters"] == expected
 
 
+@pytest.mark.slow  # scenario: a second whole search, compared with the first
 def test_poisoned_test_labels_give_the_same_trials(finished_search, small_data, tmp_path):
     poisoned = dataclasses.replace(small_data, y_test=((small_data.y_test + 1) % 10).astype(np.uint8))
     result = tune.run(tiny_tune_config(), output_dir=tmp_path / "poisoned", data=poisoned,
@@ -98,6 +97,7 @@ def test_finished_search_is_not_replaced_without_overwrite(finished_search, smal
     assert (finished_search.output_dir / "best.json").read_bytes() == before
 
 
+@pytest.mark.slow  # scenario: a search interrupted, then run again
 def test_interrupted_search_resumes_without_retraining_finished_trials(small_data, tmp_path, monkeypatch):
     folder = tmp_path / "search"
     calls = []
@@ -171,6 +171,7 @@ def test_every_trial_failing_is_an_error_with_the_cause(tmp_path, monkeypatch, c
     assert all(t["status"] == "FAILED" for t in json.loads((out / "trials.json").read_text()))
 
 
+@pytest.mark.slow  # scenario: a hyperband search of 4 CNN trials, up to 3 epochs each
 def test_hyperband_continues_a_trial_from_its_parent(small_data, tmp_path):
     config = tiny_tune_config(arch="cnn", tuner="hyperband", max_trials=4, epochs=3, batch_size=64)
     result = tune.run(config, output_dir=tmp_path / "hyperband", data=small_data)
@@ -182,14 +183,11 @@ def test_hyperband_continues_a_trial_from_its_parent(small_data, tmp_path):
     assert result.trials[0]["seed_configuration"]
 
 
-def test_seeds_are_the_fixed_models_and_inside_the_default_space():
+def test_seeds_are_the_fixed_models():
+    # Every arch's seed inside the default space and building the fixed model: tests/test_archs.py.
     assert tune_space.seed_hyperparameters("mlp") == {"units_1": 120, "units_2": 84, "learning_rate": 1e-3}
     assert tune_space.seed_hyperparameters("cnn") == {"filters_1": 10, "filters_2": 20, "dense_units": 50,
-                                                "learning_rate": archs.get("cnn").preset["learning_rate"]}
-    for arch in ("mlp", "mlp_small", "cnn"):
-        tune_space.check_search_space(TuneConfig(arch=arch))
-        assert models.build_model(arch, **tune_space.builder_arguments(arch, tune_space.seed_hyperparameters(arch))
-                                  ).count_params() == models.build_model(arch).count_params()
+                                                      "learning_rate": archs.get("cnn").preset["learning_rate"]}
 
 
 def test_search_space_flag_that_excludes_the_seed_is_one_line():
@@ -205,12 +203,12 @@ def test_search_space_flag_that_excludes_the_seed_is_one_line():
     (["--min-units", "64", "--max-units", "32"], ["--max-units must be >= 64"]),
     (["--validation-size", "0"], ["--validation-size must be >= 1"]),
 ])
-def test_bad_tune_flags_exit_2(args, fragments):
-    assert_one_line_error(run_script("scripts/tune.py", *args), *fragments)
+def test_bad_tune_flags_exit_2(args, fragments, capsys):
+    assert_one_line_error(run_main(cli.tune_main, *args, capsys=capsys), *fragments)
 
 
-def test_unknown_tuner_exits_2():
-    result = run_script("scripts/tune.py", "--tuner", "grid")
+def test_unknown_tuner_exits_2(capsys):
+    result = run_main(cli.tune_main, "--tuner", "grid", capsys=capsys)
     assert result.returncode == 2 and "invalid choice: 'grid'" in result.stderr
 
 
@@ -220,7 +218,7 @@ def test_help_shows_the_search_spaces():
     for flag in ("--tuner", "--max-trials", "--min-units", "--max-learning-rate", "--strategy"):
         assert flag in result.stdout
     epilog = result.stdout[result.stdout.index("search spaces"):].splitlines()
-    for arch in ("mlp", "mlp_small", "cnn"):
+    for arch in archs.names():
         start = next(i for i, line in enumerate(epilog) if line.strip().startswith(arch + " "))
         block = [epilog[start]] + [line for line in epilog[start + 1:start + 3] if line.startswith(" " * 13)]
         shown = [float(value) for line in block for value in line.split("seed ")[1].split(", ")]

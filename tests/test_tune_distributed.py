@@ -21,10 +21,7 @@ from mnist_keras import launch, tune, tune_distributed
 from mnist_keras import tuner
 from mnist_keras import tune_space
 from mnist_keras.config import ConfigError, TuneConfig
-from tests.conftest import REPO_ROOT
-from tests.test_multi_worker import env_with, write_npz
-
-TUNE = str(REPO_ROOT / "scripts" / "tune.py")
+from tests.helpers import TUNE, env_with, write_npz
 PROGRESS = re.compile(r"Trial (\d+)/(\d+) \((tuner\d+)\): val_accuracy")
 
 
@@ -185,6 +182,7 @@ def test_too_many_failures_stop_every_tuner(oracle):
 # -- real processes -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # integration: a chief and two tuner processes, each paying a TensorFlow import
 def test_two_tuner_search_keeps_the_books(tiny_mnist, tmp_path):
     """`--workers 2`: the chief and two tuners run 4 trials; every trial once, by a named tuner."""
     data_dir, out = write_npz(tmp_path / "data", tiny_mnist), tmp_path / "search"
