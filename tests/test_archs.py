@@ -62,9 +62,9 @@ def test_a_fourth_architecture_trains_tunes_exports_and_evaluates(tiny_arch, tin
     assert search.trials[0]["seed_configuration"]
     assert json.loads((search.output_dir / "best" / "metrics.json").read_text())["hyperparameters"] == {"width": WIDTH}
 
-    exported = export.export_model(config_lib.ExportConfig(arch="tiny", tflite=("fp32", "int8"), verbose=0),
+    exported = export.export_model(config_lib.ExportConfig(arch="tiny", tflite=("fp32",), verbose=0),
                                    tmp_path / "run", tmp_path / "run" / "export", data=tiny_mnist)
-    assert set(exported.artifacts) == {"saved_model", "tflite_fp32", "tflite_int8"}
+    assert set(exported.artifacts) == {"saved_model", "tflite_fp32"}
     assert exported.artifacts["tflite_fp32"]["accuracy"] == pytest.approx(exported.keras["accuracy"], abs=0.01)
 
     result = evaluate.run(config_lib.EvaluateConfig(arch="tiny"), tmp_path / "run",

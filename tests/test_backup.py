@@ -26,8 +26,12 @@ def crash_after(epochs_done: int):
 AUGMENTED = dict(shift_pixels=2, rotation_degrees=10.0, scale_range=0.1, label_smoothing=0.1, ema_momentum=0.9)
 
 
-@pytest.mark.parametrize("strategy_name, extras", [("default", {}), ("mirrored", {}), ("default", AUGMENTED)],
-                         ids=["default", "mirrored", "augmented_ema"])
+# The mirrored and augmented cases take 6 s of the fast tier's minute: they run with the slow tests.
+@pytest.mark.parametrize("strategy_name, extras", [
+    ("default", {}),
+    pytest.param("mirrored", {}, marks=pytest.mark.slow),
+    pytest.param("default", AUGMENTED, marks=pytest.mark.slow),
+], ids=["default", "mirrored", "augmented_ema"])
 def test_killed_run_resumes_at_first_unfinished_epoch(tiny_mnist, tmp_path, strategy_name, extras, caplog):
     def strategy():
         if strategy_name == "mirrored":
