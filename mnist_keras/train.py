@@ -3,6 +3,16 @@
 `run(config, data=None, strategy=None, output_dir=None)` is the whole job.
 Tests inject a tiny dataset and a strategy (as tensorflow/models' mnist_main
 does) so an end-to-end run takes seconds and never downloads.
+
+With an output folder, the training state is backed up at every epoch end
+into `<output_dir>/backup`; a run started again on a folder holding a backup
+resumes at its first unfinished epoch. Under multi-worker training only the
+chief writes the run's results; the other workers write only their backup
+copy (deleted at the end) and their resource log. A watchdog
+(`config.stall_timeout`) calls `on_stall(timeout)` from its thread when no
+step has finished for that long (a peer is stuck). Each worker appends its
+threads, memory and open files per epoch to
+`<output_dir>/logs/resources[-worker-<i>].jsonl`.
 """
 
 from __future__ import annotations
@@ -93,26 +103,16 @@ def run(
 
     `hyperparameters` (layer sizes, e.g. `hidden_units=(64, 32)`) go to the
     model builder; the tuner's retrained winner uses them, and they are
-    recorded in config.json and metrics.json.
-
-    With an `output_dir`, the training state is backed up at every epoch end
-    into `<output_dir>/backup`; a run started again on a folder holding a backup
-    resumes at its first unfinished epoch. Under multi-worker training only the
-    chief writes the run's results; the other workers write only their backup
-    copy (deleted at the end) and their resource log.
+    recorded in config.json and metrics.json. Backups, resume and multi-worker
+    behaviour: see the module docstring.
 
     `callbacks`: `keras.callbacks.Callback`s (EarlyStopping, CSVLogger, ...) or
     `callable(epoch, logs)` functions, run after the backup and TensorBoard
     callbacks, with Keras' logs (loss, accuracy, val_loss, val_accuracy) and
     `model.stop_training` semantics. Under multi-worker training they run on
     every worker, which all see the same logs (so all stop at the same epoch);
-    give each worker its own file paths (e.g. a CSVLogger's).
-
-    Under multi-worker training a watchdog (`config.stall_timeout`) calls
-    `on_stall(timeout)` from its thread when no step has finished for that
-    long (a peer is stuck); the default logs one line and ends the process.
-    Each worker appends its threads, memory and open files per epoch to
-    `<output_dir>/logs/resources[-worker-<i>].jsonl`.
+    give each worker its own file paths (e.g. a CSVLogger's). `on_stall`: the
+    watchdog's action; the default logs one line and ends the process.
     """
     hyperparameters = dict(hyperparameters or {})
     started = time.perf_counter()
