@@ -9,11 +9,10 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from mnist_keras.config import ConfigError
+from mnist_keras.config import STRATEGIES, ConfigError, check_choice
 
 logger = logging.getLogger(__name__)
 
-STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 # Seconds one multi-worker collective may wait for its peers before it fails with DeadlineExceeded
 # (0: no limit). Off by default: TensorFlow enforces it with one thread per collective op that sleeps
 # out the whole timeout, so a run's thread count grows with its steps (see mnist_keras/watchdog.py).
@@ -69,8 +68,7 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
     collective for the whole timeout.
     """
     devices = list(devices)
-    if name not in STRATEGY_NAMES:
-        raise ConfigError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}. Received: {name!r}")
+    check_choice("strategy", name, STRATEGIES)
     if name == "auto":
         if tf_config_worker_count() > 1:
             name = "multi_worker"
