@@ -9,11 +9,11 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from mnist_keras.config import ConfigError
+from mnist_keras.config import STRATEGIES, ConfigError
 
 logger = logging.getLogger(__name__)
 
-STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+STRATEGY_NAMES = STRATEGIES  # the --strategy choices, declared once in config
 # Seconds one multi-worker collective may wait for its peers before it fails with DeadlineExceeded
 # (0: no limit). Off by default: TensorFlow enforces it with one thread per collective op that sleeps
 # out the whole timeout, so a run's thread count grows with its steps (see mnist_keras/watchdog.py).
