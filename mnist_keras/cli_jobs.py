@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from mnist_keras import console, errors
 from mnist_keras.cli_launch import EXIT_FAILURE, launch_search, launch_workers
+from mnist_keras.constants import IMAGE_SHAPE
 
 EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
 
@@ -108,7 +109,8 @@ def export(config, call: Call) -> int:
 def _print_export_table(result) -> None:
     keras_accuracy = result.keras["accuracy"]
     print(f"{'artifact':<16} {'bytes':>10} {'input':<22} {'accuracy':>9} {'change':>8}")
-    print(f"{'keras':<16} {result.keras['bytes']:>10,} {'float32 [None,28,28]':<22} {keras_accuracy:>9.4f}")
+    keras_input = f"float32 [None,{','.join(map(str, IMAGE_SHAPE))}]"
+    print(f"{'keras':<16} {result.keras['bytes']:>10,} {keras_input:<22} {keras_accuracy:>9.4f}")
     for name, record in result.artifacts.items():
         shape = ",".join("None" if d is None else str(d) for d in record["input"]["shape"])
         print(f"{name:<16} {record['bytes']:>10,} {record['input']['dtype'] + ' [' + shape + ']':<22} "
