@@ -41,6 +41,7 @@ from mnist_keras.benchmark_inference import inference_models, inference_row
 from mnist_keras.benchmark_training import (
     TIME_TO_ACCURACY_ARCH, default_path_throughput, model_fit_throughput, time_to_accuracy)
 from mnist_keras.config import BenchmarkConfig, config_to_dict
+from mnist_keras.errors import MissingInputError
 from mnist_keras.tables import format_table
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _check_inputs(config: BenchmarkConfig, output_dir: Optional[Path]) -> None:
     if config.models_dir is not None:
         for arch in config.arch:
             if not (Path(config.models_dir) / arch).is_dir():
-                raise FileNotFoundError(f"{Path(config.models_dir) / arch}: no such folder (--models-dir)")
+                raise MissingInputError(f"{Path(config.models_dir) / arch}: no such folder (--models-dir)")
 
 
 def _load_data(config: BenchmarkConfig, data: Optional[data_lib.MnistData]) -> tuple[data_lib.MnistData, float]:
