@@ -30,6 +30,11 @@ RECIPE_PURPOSES = {
 }
 
 
+# The stems of the tune flags --min-<stem>/--max-<stem> (TuneConfig's min_<stem>/max_<stem>): the bounds a
+# searched value may name. A new kind of bound needs its two flags in TuneConfig as well.
+BOUNDS = ("units", "filters", "learning_rate")
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameter:
     """One searched value, sampled on a log scale between the tune flags `--min-<bounds>`/`--max-<bounds>`.
@@ -79,6 +84,10 @@ class ArchSpec:
         if unknown or "default" in self.recipes:
             raise ValueError(f"`recipes` may name {', '.join(RECIPES[1:])}. Received: {list(self.recipes)}")
         for hyperparameter in self.search_space:
+            if hyperparameter.bounds not in BOUNDS:
+                raise ValueError(f"Search space of {self.name}: `{hyperparameter.name}` must take its bounds from "
+                                 f"one of {', '.join(BOUNDS)} (the tune flags --min-<bounds>/--max-<bounds>). "
+                                 f"Received: bounds={hyperparameter.bounds!r}")
             if hyperparameter.argument not in self.arguments:
                 raise ValueError(f"Search space of {self.name}: `{hyperparameter.name}` sets no builder argument. "
                                  f"Received: argument={hyperparameter.argument!r}")

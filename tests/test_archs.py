@@ -93,6 +93,14 @@ def test_unregistered_names_are_refused_in_one_line():
         archs.register(archs.get("cnn"))
 
 
+def test_a_search_space_takes_its_bounds_from_existing_tune_flags():
+    # Otherwise the spec registers and `tune.py --arch` fails later with an unexpected AttributeError.
+    with pytest.raises(ValueError, match="`width` must take its bounds from one of units, filters, learning_rate"):
+        archs.ArchSpec(**{**vars(TINY), "search_space": (archs.Hyperparameter("width", "width", "width"),)})
+    config = config_lib.TuneConfig()
+    assert all(hasattr(config, f"min_{bounds}") and hasattr(config, f"max_{bounds}") for bounds in archs.BOUNDS)
+
+
 @pytest.mark.parametrize("arch", archs.names())
 def test_every_spec_is_consistent_with_its_builder(arch):
     spec = archs.get(arch)
