@@ -208,18 +208,19 @@ def bounds_help(bounds: str, text: str) -> Callable[[], str]:
 def search_space_help() -> str:
     """Each architecture's search space as `tune.py --help` shows it, made from the specs."""
     width = max(len(name) for name in names())
-    lines = []
+    rows = []  # (arch name or "", space, seeds)
     for spec in specs():
         seeds = spec.seed_values()
         groups: dict[str, list[Hyperparameter]] = {}
         for hyperparameter in spec.hyperparameters():
             groups.setdefault(hyperparameter.bounds, []).append(hyperparameter)
         for row, (bounds, members) in enumerate(groups.items()):
-            head = spec.name.ljust(width) if row == 0 else " " * width
             flag = bounds.replace("_", "-")
-            space = f"{', '.join(h.name for h in members)} in [--min-{flag}, --max-{flag}]"
-            lines.append(f"  {head}  {space:<52}  seed {', '.join(f'{seeds[h.name]:g}' for h in members)}")
-    return "\n".join(lines)
+            rows.append((spec.name if row == 0 else "",
+                         f"{', '.join(h.name for h in members)} in [--min-{flag}, --max-{flag}]",
+                         ", ".join(f"{seeds[h.name]:g}" for h in members)))
+    space_width = max(len(space) for _, space, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {space:<{space_width}}  seed {seed}" for name, space, seed in rows)
 
 
 # ---------------------------------------------------------------------------

@@ -78,6 +78,8 @@ def test_the_flags_and_help_read_the_registry(tiny_arch, capsys):
     assert cli.tune_main(["--help"]) == 0
     epilog = capsys.readouterr().out.split("search spaces")[1]
     assert "tiny" in epilog and "width in [--min-units, --max-units]" in epilog
+    rows = [line for line in epilog.splitlines() if " seed " in line]
+    assert len({line.index(" seed ") for line in rows}) == 1, rows  # the seeds in one column
     assert cli.train_main(["--help"]) == 0
     assert "tiny 2" in capsys.readouterr().out  # the --epochs default of each registered arch
     config = config_lib.train_config("tiny", recipe="default")
