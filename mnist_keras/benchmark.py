@@ -158,13 +158,7 @@ def _add(report: dict, section: str, row: Optional[dict]) -> None:
 def export_for_inference(model: keras.Model, arch: str, folder: Path) -> None:
     """model.keras, a SavedModel and an fp32 .tflite of `model` in `folder`, written as export.py writes them."""
     folder.mkdir(parents=True, exist_ok=True)
-    if model.dtype_policy.name != "float32":
-        # A mixed-precision graph needs TFLite's Flex ops (bfloat16 casts); inference
-        # runs in float32, so export a float32 copy of the same (float32) weights.
-        with models.dtype_policy("float32"):
-            float_model = models.build_model(arch)
-        float_model.set_weights(model.get_weights())
-        model = float_model
+    model = models.float32_copy(model)  # inference runs in float32, as export.py writes it
     artifacts.save_keras_model(model, folder / artifacts.MODEL_FILE)
     export.write_artifacts(model, folder, tflite=("fp32",))
 
