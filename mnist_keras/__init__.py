@@ -1,11 +1,8 @@
 """mnist_keras: MNIST classifiers trained, distributed, tuned and shipped with Keras 3.
 
-The package is layered so that arrows point down only:
-
-    cli                       argv parsing, printing, exit codes
-    train  tune  serve  benchmark
-    loop  export  evaluate  predict
-    config  data  models  strategy  artifacts
+The package stands on floors, arrows pointing down only: README's "How the
+code is organised" gives every module its floor and its one job, and
+tests/test_layout.py holds that table to the imports.
 
 Importing the package itself does not import TensorFlow; each module imports
 what it needs.

@@ -30,6 +30,11 @@ RECIPE_PURPOSES = {
 }
 
 
+# The stems of the tune flags --min-<stem>/--max-<stem> (TuneConfig's min_<stem>/max_<stem>): the bounds a
+# searched value may name. A new kind of bound needs its two flags in TuneConfig as well.
+BOUNDS = ("units", "filters", "learning_rate")
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameter:
     """One searched value, sampled on a log scale between the tune flags `--min-<bounds>`/`--max-<bounds>`.
@@ -79,6 +84,10 @@ class ArchSpec:
         if unknown or "default" in self.recipes:
             raise ValueError(f"`recipes` may name {', '.join(RECIPES[1:])}. Received: {list(self.recipes)}")
         for hyperparameter in self.search_space:
+            if hyperparameter.bounds not in BOUNDS:
+                raise ValueError(f"Search space of {self.name}: `{hyperparameter.name}` must take its bounds from "
+                                 f"one of {', '.join(BOUNDS)} (the tune flags --min-<bounds>/--max-<bounds>). "
+                                 f"Received: bounds={hyperparameter.bounds!r}")
             if hyperparameter.argument not in self.arguments:
                 raise ValueError(f"Search space of {self.name}: `{hyperparameter.name}` sets no builder argument. "
                                  f"Received: argument={hyperparameter.argument!r}")
@@ -199,18 +208,19 @@ def bounds_help(bounds: str, text: str) -> Callable[[], str]:
 def search_space_help() -> str:
     """Each architecture's search space as `tune.py --help` shows it, made from the specs."""
     width = max(len(name) for name in names())
-    lines = []
+    rows = []  # (arch name or "", space, seeds)
     for spec in specs():
         seeds = spec.seed_values()
         groups: dict[str, list[Hyperparameter]] = {}
         for hyperparameter in spec.hyperparameters():
             groups.setdefault(hyperparameter.bounds, []).append(hyperparameter)
         for row, (bounds, members) in enumerate(groups.items()):
-            head = spec.name.ljust(width) if row == 0 else " " * width
             flag = bounds.replace("_", "-")
-            space = f"{', '.join(h.name for h in members)} in [--min-{flag}, --max-{flag}]"
-            lines.append(f"  {head}  {space:<52}  seed {', '.join(f'{seeds[h.name]:g}' for h in members)}")
-    return "\n".join(lines)
+            rows.append((spec.name if row == 0 else "",
+                         f"{', '.join(h.name for h in members)} in [--min-{flag}, --max-{flag}]",
+                         ", ".join(f"{seeds[h.name]:g}" for h in members)))
+    space_width = max(len(space) for _, space, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {space:<{space_width}}  seed {seed}" for name, space, seed in rows)
 
 
 # ---------------------------------------------------------------------------

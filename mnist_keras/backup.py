@@ -30,8 +30,8 @@ from mnist_keras import artifacts
 
 logger = logging.getLogger(__name__)
 
-BACKUP_DIR = "backup"
-HISTORY_FILE = "history.json"
+BACKUP_DIR = artifacts.BACKUP_DIR
+HISTORY_FILE = artifacts.HISTORY_FILE  # the history so far, beside the backed-up model, named as in the run folder
 
 
 def worker_copy_dir(worker: int) -> str:

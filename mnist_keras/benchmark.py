@@ -41,6 +41,7 @@ from mnist_keras.benchmark_inference import inference_models, inference_row
 from mnist_keras.benchmark_training import (
     TIME_TO_ACCURACY_ARCH, default_path_throughput, model_fit_throughput, time_to_accuracy)
 from mnist_keras.config import BenchmarkConfig, config_to_dict
+from mnist_keras.errors import MissingInputError
 from mnist_keras.tables import format_table
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _check_inputs(config: BenchmarkConfig, output_dir: Optional[Path]) -> None:
     if config.models_dir is not None:
         for arch in config.arch:
             if not (Path(config.models_dir) / arch).is_dir():
-                raise FileNotFoundError(f"{Path(config.models_dir) / arch}: no such folder (--models-dir)")
+                raise MissingInputError(f"{Path(config.models_dir) / arch}: no such folder (--models-dir)")
 
 
 def _load_data(config: BenchmarkConfig, data: Optional[data_lib.MnistData]) -> tuple[data_lib.MnistData, float]:
@@ -157,13 +158,7 @@ def _add(report: dict, section: str, row: Optional[dict]) -> None:
 def export_for_inference(model: keras.Model, arch: str, folder: Path) -> None:
     """model.keras, a SavedModel and an fp32 .tflite of `model` in `folder`, written as export.py writes them."""
     folder.mkdir(parents=True, exist_ok=True)
-    if model.dtype_policy.name != "float32":
-        # A mixed-precision graph needs TFLite's Flex ops (bfloat16 casts); inference
-        # runs in float32, so export a float32 copy of the same (float32) weights.
-        with models.dtype_policy("float32"):
-            float_model = models.build_model(arch)
-        float_model.set_weights(model.get_weights())
-        model = float_model
+    model = models.float32_copy(model)  # inference runs in float32, as export.py writes it
     artifacts.save_keras_model(model, folder / artifacts.MODEL_FILE)
     export.write_artifacts(model, folder, tflite=("fp32",))
 

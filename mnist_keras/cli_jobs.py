@@ -16,8 +16,8 @@ import sys
 from typing import Optional, Sequence
 
 from mnist_keras import console, errors
-from mnist_keras.constants import IMAGE_SHAPE
 from mnist_keras.cli_launch import EXIT_FAILURE, launch_search, launch_workers
+from mnist_keras.constants import IMAGE_SHAPE
 
 EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
 

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_keras import artifacts, console, errors, folders, runtimes
+from mnist_keras import artifacts, console, errors, folders, models, runtimes
 from mnist_keras import data as data_lib
 from mnist_keras.artifacts import EXPORT_DIR, EXPORT_FILE, tflite_artifact_name
 from mnist_keras.config import ExportConfig, config_to_dict
@@ -162,6 +162,7 @@ def write_artifacts(model: keras.Model, folder: Path, tflite: Sequence[str] = ()
     Returns {artifact name: path relative to `folder`}: saved_model, then tflite_<variant> per `tflite`.
     """
     paths = {"saved_model": SAVED_MODEL_DIR}
+    model = models.float32_copy(model)  # a mixed-precision run's model, too, exports in float32
     write_saved_model(model, folder / SAVED_MODEL_DIR)
     if not tflite:
         return paths

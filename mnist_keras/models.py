@@ -94,6 +94,28 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.mixed_precision.set_dtype_policy(previous)
 
 
+def float32_copy(model: keras.Model) -> keras.Model:
+    """`model` itself when it computes in float32; else the same layers and weights under float32.
+
+    TFLite has no kernels for most bfloat16/float16 ops, and exported models run in float32: a
+    mixed-precision model (whose variables are float32 already) is exported through this copy.
+    """
+    if all(part.dtype_policy.name == "float32" for part in (model, *model.layers)):
+        return model  # (a model loaded from a file keeps its mixed policy in its layers only)
+
+    def float32(value):
+        if isinstance(value, dict):
+            return {key: float32(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [float32(item) for item in value]
+        return "float32" if isinstance(value, str) and value.startswith("mixed_") else value
+
+    with dtype_policy("float32"):
+        copy = model.__class__.from_config(float32(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def compile_model(
     model: keras.Model,
     learning_rate: Union[float, keras.optimizers.schedules.LearningRateSchedule] = 1e-3,

@@ -84,7 +84,7 @@ def run(config: ResultsConfig, output_dir: Optional[Path | str] = None,
         folders.check_output_folder(output_dir, RESULTS_FOLDER, config.overwrite)
     todo = pairs(config)
     if not todo:
-        raise ValueError(f"--recipes {','.join(config.recipes)} define none of --arch {','.join(config.arch)}")
+        raise config_lib.ConfigError(f"--recipes {','.join(config.recipes)} define none of --arch {','.join(config.arch)}")
     runs: dict[tuple[str, str], list[dict]] = {pair: [] for pair in todo}
     # Every run builds its own model and loop, so TensorFlow warns about "retracing" from the
     # second run on; that is expected here and would bury the per-run lines.

@@ -78,6 +78,8 @@ def test_the_flags_and_help_read_the_registry(tiny_arch, capsys):
     assert cli.tune_main(["--help"]) == 0
     epilog = capsys.readouterr().out.split("search spaces")[1]
     assert "tiny" in epilog and "width in [--min-units, --max-units]" in epilog
+    rows = [line for line in epilog.splitlines() if " seed " in line]
+    assert len({line.index(" seed ") for line in rows}) == 1, rows  # the seeds in one column
     assert cli.train_main(["--help"]) == 0
     assert "tiny 2" in capsys.readouterr().out  # the --epochs default of each registered arch
     config = config_lib.train_config("tiny", recipe="default")
@@ -91,6 +93,14 @@ def test_unregistered_names_are_refused_in_one_line():
         config_lib.TrainConfig(arch="tiny")
     with pytest.raises(ValueError, match="already registered"):
         archs.register(archs.get("cnn"))
+
+
+def test_a_search_space_takes_its_bounds_from_existing_tune_flags():
+    # Otherwise the spec registers and `tune.py --arch` fails later with an unexpected AttributeError.
+    with pytest.raises(ValueError, match="`width` must take its bounds from one of units, filters, learning_rate"):
+        archs.ArchSpec(**{**vars(TINY), "search_space": (archs.Hyperparameter("width", "width", "width"),)})
+    config = config_lib.TuneConfig()
+    assert all(hasattr(config, f"min_{bounds}") and hasattr(config, f"max_{bounds}") for bounds in archs.BOUNDS)
 
 
 @pytest.mark.parametrize("arch", archs.names())

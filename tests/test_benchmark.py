@@ -172,3 +172,11 @@ def test_mixed_precision_model_exports_float32_formats(tiny_mnist, tmp_path):
     for path in benchmark_inference.inference_models(tmp_path):
         loaded = runtimes.load_model(path)  # The .tflite needs no Flex (bfloat16) ops.
         np.testing.assert_allclose(loaded.predict(images), expected, atol=2e-2)  # bfloat16 vs float32 compute.
+
+
+def test_a_missing_models_dir_is_a_usage_error_before_any_work(tmp_path, capsys):
+    # Refused before any training, in one line with exit status 2 (not an "unexpected" FileNotFoundError).
+    result = run_main(cli.benchmark_main, "--smoke", "--arch", "mlp_small", "--models-dir", tmp_path / "none",
+                      "--output-dir", tmp_path / "bench", capsys=capsys)
+    assert_one_line_error(result, f"{tmp_path / 'none' / 'mlp_small'}: no such folder (--models-dir)")
+    assert not (tmp_path / "bench").exists()

@@ -237,3 +237,15 @@ def test_export_of_the_real_cnn_meets_the_bounds(trained_run_dirs, real_mnist, t
         assert keras_accuracy - records[f"tflite_{variant}"]["accuracy"] <= 0.001, variant
     assert keras_accuracy - records["tflite_int8"]["accuracy"] <= 0.003
     assert records["tflite_int8"]["bytes"] <= 30_000
+
+
+def test_a_mixed_precision_model_exports_in_float32(tiny_mnist, tmp_path):
+    # `train.py --mixed-precision --export` (or export.py on such a run): the model file keeps the mixed
+    # policy in its layers, and TFLite has no kernels for their bfloat16 ops (an unexpected ConverterError).
+    with models.dtype_policy("mixed_bfloat16"):
+        mixed = models.build_model("mlp_small")
+    artifacts.save_keras_model(mixed, tmp_path / "model.keras")
+    result = export.export_model(config_lib.ExportConfig(tflite=("fp32", "int8"), verbose=0),
+                                 tmp_path / "model.keras", tmp_path / "export", data=tiny_mnist)
+    assert set(result.artifacts) == {"saved_model", "tflite_fp32", "tflite_int8"}
+    assert abs(result.artifacts["tflite_fp32"]["accuracy"] - result.keras["accuracy"]) <= 0.02

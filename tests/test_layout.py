@@ -65,3 +65,16 @@ def test_the_first_floor_imports_no_tensorflow():
             "print(sorted(name for name in ('tensorflow', 'keras') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", (first, result.stdout, result.stderr)
+
+
+def test_the_readme_names_only_package_files_that_exist():
+    # Prose that points to a module file (e.g. where the presets live) goes stale when a module moves.
+    named = set(re.findall(r"mnist_keras/[\w/]+\.py", (REPO_ROOT / "README.md").read_text()))
+    assert named and not [path for path in sorted(named) if not (REPO_ROOT / path).is_file()]
+
+
+def test_imports_are_absolute():
+    # package_units reads `from mnist_keras... import`; a relative import would pass by it unseen.
+    relative = [f"{path.relative_to(REPO_ROOT)}:{node.lineno}" for path in PACKAGE.rglob("*.py")
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative, relative

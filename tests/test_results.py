@@ -8,6 +8,7 @@ import pytest
 from mnist_keras import config as config_lib, machine, results, train
 from mnist_keras.cli import results_main
 from mnist_keras.config import ResultsConfig
+from tests.helpers import assert_one_line_error, run_main
 
 
 @pytest.mark.slow  # scenario: the whole command end to end, seven trainings
@@ -55,3 +56,10 @@ def test_recipes_that_define_none_of_the_archs_are_refused(tmp_path):
     config = ResultsConfig(arch=("mlp",), recipes=("fast",), seeds="1", smoke=True)
     with pytest.raises(ValueError, match="define none of --arch mlp"):
         results.run(config, output_dir=tmp_path / "out")
+
+
+def test_recipes_that_define_none_of_the_archs_are_a_usage_error_from_the_command_line(tmp_path, capsys):
+    # The user's to fix: one line and exit status 2, not an "unexpected" error with a traceback file.
+    result = run_main(results_main, "--recipes", "fast", "--arch", "mlp", "--smoke", "--output-dir", tmp_path / "out",
+                      capsys=capsys)
+    assert_one_line_error(result, "--recipes fast define none of --arch mlp")

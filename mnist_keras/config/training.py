@@ -127,11 +127,6 @@ class ExportConfig:
         check_range("seed", self.seed, minimum=0)
 
 
-TUNERS = ("random", "hyperband", "bayesian")
-# A search runs trials one after another in one process: multi-worker is not offered.
-TUNE_STRATEGIES = ("auto", "default", "one_device", "mirrored")
-
-
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
     """A keras-tuner search over layer sizes and the learning rate, then the winner retrained.
