@@ -35,7 +35,8 @@ def assert_csv_log(path, epochs):
     assert all(np.isfinite(float(row["val_loss"])) for row in rows)
 
 
-@pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
+# The mirrored case costs the fast tier's minute more than it adds to test_train's mirrored runs: slow tier.
+@pytest.mark.parametrize("strategy_name", ["default", pytest.param("mirrored", marks=pytest.mark.slow)])
 def test_early_stopping_and_csv_logger(tiny_mnist, tmp_path, strategy_name, mirrored_strategy):
     strategy = mirrored_strategy if strategy_name == "mirrored" else tf.distribute.get_strategy()
     log = tmp_path / "log.csv"

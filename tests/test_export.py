@@ -239,6 +239,7 @@ def test_export_of_the_real_cnn_meets_the_bounds(trained_run_dirs, real_mnist, t
     assert records["tflite_int8"]["bytes"] <= 30_000
 
 
+@pytest.mark.slow  # time only (two conversions); the benchmark's mixed-precision export test is fast
 def test_a_mixed_precision_model_exports_in_float32(tiny_mnist, tmp_path):
     # `train.py --mixed-precision --export` (or export.py on such a run): the model file keeps the mixed
     # policy in its layers, and TFLite has no kernels for their bfloat16 ops (an unexpected ConverterError).

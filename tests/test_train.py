@@ -64,6 +64,7 @@ def test_same_seed_same_result(tiny_mnist):
     assert first.metrics["test_loss"] == second.metrics["test_loss"]
 
 
+@pytest.mark.slow  # time only: test_default_and_mirrored_agree_after_one_step keeps mirrored in the fast tier
 def test_two_step_run_under_mirrored_strategy(tiny_mnist, mirrored_strategy):
     config = tiny_config(arch="cnn", epochs=1, batch_size=256, learning_rate=1e-3)
     result = train.run(config, data=tiny_mnist, strategy=mirrored_strategy)
