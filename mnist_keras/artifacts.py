@@ -60,11 +60,6 @@ def is_finished_run(folder: os.PathLike | str) -> bool:
     return (Path(folder) / METRICS_FILE).is_file()
 
 
-def is_run_folder(folder: os.PathLike | str) -> bool:
-    """A folder the package created for a run (it holds RUN_MARKER)."""
-    return (Path(folder) / RUN_MARKER).is_file()
-
-
 def check_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> bool:
     """Refuse `folder` as a run's output, or return (True: it holds a run to resume) without changing anything
     (see `prepare_run_dir`)."""

@@ -62,7 +62,7 @@ def test_cli_refuses_a_users_folder_in_one_line(tmp_path, capsys):
 def test_overwrite_keeps_the_users_own_files(tiny_mnist, tmp_path):
     folder = tmp_path / "run"
     train.run(tiny_config(), data=tiny_mnist, output_dir=folder)
-    assert artifacts.is_run_folder(folder)
+    assert (folder / artifacts.RUN_MARKER).is_file()
     (folder / "notes.txt").write_text("my notes")
     (folder / "plots").mkdir()
     (folder / "plots" / "mine.png").write_bytes(b"png")
