@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import setup
 
 # Optional features, each its own extra; `dev` is everything the tests need.
 EXTRAS = {
@@ -21,35 +21,5 @@ EXTRAS = {
 EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items() if name != "gpu"
                                        for requirement in extra)})
 
-setup(
-    name="mnist_keras",
-    version="0.1.0",
-    description="MNIST classifiers with Keras 3 / TensorFlow: trained, distributed, tuned, exported.",
-    packages=find_packages(include=["mnist_keras", "mnist_keras.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "tensorflow>=2.21,<2.22",
-        "keras>=3.15,<4",
-        "numpy>=1.26",
-        # TF 2.21 no longer pulls TensorBoard in; the run folders carry its logs.
-        "tensorboard>=2.21,<2.22",
-        # LiteRT's Interpreter runs the exported .tflite files (export checks, evaluate, predict).
-        "ai-edge-litert>=2.1",
-        # Evaluation plots, and reading users' digit images for predict.
-        "matplotlib>=3.8",
-        "pillow>=10",
-    ],
-    extras_require=EXTRAS,
-    entry_points={
-        "console_scripts": [
-            "mnist-keras-train=mnist_keras.cli:train_main",
-            "mnist-keras-export=mnist_keras.cli:export_main",
-            "mnist-keras-tune=mnist_keras.cli:tune_main",
-            "mnist-keras-evaluate=mnist_keras.cli:evaluate_main",
-            "mnist-keras-predict=mnist_keras.cli:predict_main",
-            "mnist-keras-benchmark=mnist_keras.cli:benchmark_main",
-            "mnist-keras-results=mnist_keras.cli:results_main",
-            "mnist-keras-serve=mnist_keras.cli:serve_main",
-        ],
-    },
-)
+# Everything else (name, version, dependencies, console scripts, licence) is in pyproject.toml.
+setup(extras_require=EXTRAS)

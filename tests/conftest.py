@@ -12,16 +12,10 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mnist_keras import data as data_lib  # noqa: E402
-from mnist_keras.strategy import configure_logical_cpus  # noqa: E402
+from mnist_keras.data import pipeline as data_lib  # noqa: E402
+from mnist_keras.training.strategy import configure_logical_cpus  # noqa: E402
 
 configure_logical_cpus(2)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains on the real MNIST (needs MNIST_DATA_DIR)")
-    config.addinivalue_line("markers", "browser: drives the web app in headless Chromium (needs playwright, "
-                                       "/usr/bin/chromium)")
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +56,8 @@ def trained_run_dirs(real_mnist, tmp_path_factory) -> dict:
     `trained_run_dirs["cnn"]` is the run folder of a default `train.py --arch cnn`; slow tests of
     export, evaluation and prediction share it instead of training again.
     """
-    from mnist_keras import config as config_lib, train
+    from mnist_keras import config as config_lib
+    from mnist_keras.training import train
 
     class Runs(dict):
         def __missing__(self, arch):

@@ -11,11 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_keras import data as data_lib
-from mnist_keras import data_sources
 from mnist_keras.config import TrainConfig
+from mnist_keras.data import pipeline as data_lib
+from mnist_keras.data import sources
 from tests.hooked import train as hooked_train
-from tests.hooked.train import CRASH_AFTER_EPOCH_ENV, HANG_AFTER_EPOCH_ENV, WEIGHTS_DUMP_ENV  # noqa: F401
+from tests.hooked.train import (  # noqa: F401
+    CRASH_AFTER_EPOCH_ENV,
+    HANG_AFTER_EPOCH_ENV,
+    WEIGHTS_DUMP_ENV,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO_ROOT / "scripts" / "train.py")
@@ -98,7 +102,7 @@ def make_folder(folder, train=20, test=10, compress=True, overrides=None):
         "x_test": rng.integers(0, 256, (test, 28, 28)), "y_test": rng.integers(0, 10, test),
     }
     paths = {}
-    for key, stem in data_sources.IDX_FILES.items():
+    for key, stem in sources.IDX_FILES.items():
         raw = (overrides or {}).get(key)
         array = raw if isinstance(raw, np.ndarray) else arrays[key]
         paths[key] = write_idx(folder / stem, array, compress, raw if isinstance(raw, bytes) else None)

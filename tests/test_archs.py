@@ -11,10 +11,15 @@ import keras
 import pytest
 import tensorflow as tf
 
-from mnist_keras import archs, cli, evaluate, export, models, train, tune
-from mnist_keras import tune_space
+from mnist_keras import cli
 from mnist_keras import config as config_lib
 from mnist_keras.constants import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
+from mnist_keras.evaluation import evaluate
+from mnist_keras.export import exporter
+from mnist_keras.models import archs, builders
+from mnist_keras.training import train
+from mnist_keras.tuning import search as search_lib
+from mnist_keras.tuning import space
 
 WIDTH = 8
 
@@ -55,14 +60,14 @@ def test_a_fourth_architecture_trains_tunes_exports_and_evaluates(tiny_arch, tin
     assert trained.metrics["parameters"] == TINY.parameters and trained.metrics["epochs"] == 2
     assert trained.metrics["test_accuracy"] > 0.5  # ten classes: chance is 0.1
 
-    search = tune.run(config_lib.TuneConfig(arch="tiny", max_trials=1, epochs=1, batch_size=32, verbose=0, min_units=4,
+    search = search_lib.run(config_lib.TuneConfig(arch="tiny", max_trials=1, epochs=1, batch_size=32, verbose=0, min_units=4,
                                             steps_per_execution=4),
                       output_dir=tmp_path / "search", data=tiny_mnist, strategy=strategy)
     assert [trial["hyperparameters"] for trial in search.trials] == [{"width": WIDTH, "learning_rate": 1e-2}]
     assert search.trials[0]["seed_configuration"]
     assert json.loads((search.output_dir / "best" / "metrics.json").read_text())["hyperparameters"] == {"width": WIDTH}
 
-    exported = export.export_model(config_lib.ExportConfig(arch="tiny", tflite=("fp32",), verbose=0),
+    exported = exporter.export_model(config_lib.ExportConfig(arch="tiny", tflite=("fp32",), verbose=0),
                                    tmp_path / "run", tmp_path / "run" / "export", data=tiny_mnist)
     assert set(exported.artifacts) == {"saved_model", "tflite_fp32"}
     assert exported.artifacts["tflite_fp32"]["accuracy"] == pytest.approx(exported.keras["accuracy"], abs=0.01)
@@ -106,10 +111,10 @@ def test_a_search_space_takes_its_bounds_from_existing_tune_flags():
 @pytest.mark.parametrize("arch", archs.names())
 def test_every_spec_is_consistent_with_its_builder(arch):
     spec = archs.get(arch)
-    model = models.build_model(arch)
+    model = builders.build_model(arch)
     assert model.count_params() == spec.parameters and model.name == arch
     # The seed point of the search space is the fixed model itself.
-    seeded = models.build_model(arch, **spec.builder_arguments(spec.seed_values()))
+    seeded = builders.build_model(arch, **spec.builder_arguments(spec.seed_values()))
     assert seeded.count_params() == spec.parameters
     assert spec.seed_values()["learning_rate"] == spec.preset["learning_rate"]
-    tune_space.check_search_space(config_lib.TuneConfig(arch=arch))
+    space.check_search_space(config_lib.TuneConfig(arch=arch))

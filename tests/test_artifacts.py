@@ -2,11 +2,13 @@ import keras
 import numpy as np
 import pytest
 
-from mnist_keras import artifacts, models, runtimes
+from mnist_keras.export import runtimes
+from mnist_keras.models import builders
+from mnist_keras.storage import artifacts
 
 
 def test_load_keras_model_and_run_folder(tmp_path):
-    model = models.build_model("mlp_small")
+    model = builders.build_model("mlp_small")
     artifacts.save_keras_model(model, tmp_path / "model.keras")
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
     expected = model.predict(images.astype("float32"), verbose=0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, backup, train
+from mnist_keras.storage import artifacts
+from mnist_keras.training import backup, train
 from tests.helpers import tiny_config
 
 
@@ -54,7 +55,7 @@ def test_killed_run_resumes_at_first_unfinished_epoch(tiny_mnist, tmp_path, stra
     assert (folder / backup.BACKUP_DIR).is_dir() and not artifacts.is_finished_run(folder)
     assert len(json.loads((folder / backup.BACKUP_DIR / backup.HISTORY_FILE).read_text())["loss"]) == 2
 
-    with caplog.at_level("INFO", logger="mnist_keras.backup"):
+    with caplog.at_level("INFO", logger="mnist_keras.training.backup"):
         resumed = train.run(config, data=tiny_mnist, strategy=strategy(), output_dir=folder)
     assert "Resuming at epoch 3" in caplog.text
     assert resumed.metrics["resumed_at_epoch"] == 3

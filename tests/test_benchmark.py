@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import (
-    archs, artifacts, benchmark, benchmark_inference, benchmark_training, cli, config as config_lib,
-    data as data_lib, folders, loop, models, profiler, runtimes, train)
+from mnist_keras import config as config_lib
+from mnist_keras.benchmarking import benchmark, inference_rows, profiler, training_rows
+from mnist_keras.cli import commands as cli
 from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
+from mnist_keras.data import pipeline as data_lib
+from mnist_keras.export import runtimes
+from mnist_keras.models import archs, builders
+from mnist_keras.storage import artifacts, folders
+from mnist_keras.training import loop, train
 from tests.helpers import assert_one_line_error, run_main
 
 
@@ -63,18 +68,18 @@ def test_inference_models_finds_every_format(tmp_path):
                  "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    found = [str(path.relative_to(tmp_path)) for path in benchmark_inference.inference_models(tmp_path)]
+    found = [str(path.relative_to(tmp_path)) for path in inference_rows.inference_models(tmp_path)]
     assert found == ["model.keras", "saved_model", "export/model_int8.tflite", "model_fp32.tflite"]
 
 
 def test_training_flops_per_image_counts_forward_and_both_gradients():
-    cnn = models.build_model("cnn")
+    cnn = builders.build_model("cnn")
     conv_1 = 2 * 24 * 24 * 10 * 25 * 1
     conv_2 = 2 * 8 * 8 * 20 * 25 * 10
     dense_1, probabilities = 2 * 320 * 50, 2 * 50 * 10
     # No gradient for the pixels: the first weighted layer costs twice its forward pass, the rest three times.
     assert profiler.training_flops_per_image(cnn) == 2 * conv_1 + 3 * (conv_2 + dense_1 + probabilities)
-    mlp = models.build_model("mlp")
+    mlp = builders.build_model("mlp")
     assert profiler.training_flops_per_image(mlp) == 2 * 2 * 784 * 120 + 3 * 2 * (120 * 84 + 84 * 10)
 
 
@@ -86,8 +91,8 @@ def test_profile_is_left_out_where_the_profiler_output_cannot_be_read(monkeypatc
 
 
 def test_median_skips_the_first_epoch():
-    assert benchmark_training.median_after_first([9.0, 1.0, 3.0, 2.0]) == 2.0
-    assert benchmark_training.median_after_first([4.0]) == 4.0
+    assert training_rows.median_after_first([9.0, 1.0, 3.0, 2.0]) == 2.0
+    assert training_rows.median_after_first([4.0]) == 4.0
 
 
 def test_benchmark_config_is_validated():
@@ -131,7 +136,7 @@ def test_random_shift_moves_each_image_by_whole_pixels():
 def test_shift_pixels_trains_and_callback_can_stop(tiny_mnist):
     keras.utils.set_random_seed(1)
     strategy = tf.distribute.get_strategy()
-    model = models.compile_model(models.build_model("mlp_small"), 1e-2)
+    model = builders.compile_model(builders.build_model("mlp_small"), 1e-2)
     training = loop.TrainingLoop(model, strategy, global_batch_size=64, steps_per_execution=3)
     seen = []
     history = training.fit(tiny_mnist.x_train, tiny_mnist.y_train, epochs=5, verbose=0,
@@ -163,13 +168,13 @@ def test_fast_recipe_reaches_99_percent(real_mnist):
 
 
 def test_mixed_precision_model_exports_float32_formats(tiny_mnist, tmp_path):
-    with models.dtype_policy("mixed_bfloat16"):
-        mixed = models.build_model("mlp_small")
+    with builders.dtype_policy("mixed_bfloat16"):
+        mixed = builders.build_model("mlp_small")
     benchmark.export_for_inference(mixed, "mlp_small", tmp_path)
     images = tiny_mnist.x_test[:16]
     expected = mixed(images.astype("float32")).numpy()
-    assert len(benchmark_inference.inference_models(tmp_path)) == 3
-    for path in benchmark_inference.inference_models(tmp_path):
+    assert len(inference_rows.inference_models(tmp_path)) == 3
+    for path in inference_rows.inference_models(tmp_path):
         loaded = runtimes.load_model(path)  # The .tflite needs no Flex (bfloat16) ops.
         np.testing.assert_allclose(loaded.predict(images), expected, atol=2e-2)  # bfloat16 vs float32 compute.
 

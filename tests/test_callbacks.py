@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import launch, train
 from mnist_keras.config import TrainConfig
+from mnist_keras.training import launch, train
 from tests.helpers import REPO_ROOT
 
 EPOCHS = 5
@@ -88,11 +88,12 @@ def test_terminate_on_nan_stops_a_diverging_run(tiny_mnist):
 MULTI_WORKER_SCRIPT = """
 import json, os, sys
 import keras
-from mnist_keras import data, train
+from mnist_keras.data import pipeline
+from mnist_keras.training import train
 from mnist_keras.config import TrainConfig
 
 index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-tiny = data.synthetic_mnist(train_size=512, validation_size=128, test_size=128, seed=0)
+tiny = pipeline.synthetic_mnist(train_size=512, validation_size=128, test_size=128, seed=0)
 config = TrainConfig(arch="mlp_small", epochs=%d, batch_size=32, learning_rate=1e-2, seed=3, verbose=0,
                      steps_per_execution=4, strategy="multi_worker")
 log = os.path.join(sys.argv[1], f"log{index}.csv")

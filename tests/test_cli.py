@@ -10,10 +10,18 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_keras import archs
-from mnist_keras import __version__, cli
+from mnist_keras import __version__
 from mnist_keras import config as config_lib
-from tests.helpers import REPO_ROOT, assert_one_line_error, idx_bytes, make_folder, run_main, run_script
+from mnist_keras.cli import commands as cli
+from mnist_keras.models import archs
+from tests.helpers import (
+    REPO_ROOT,
+    assert_one_line_error,
+    idx_bytes,
+    make_folder,
+    run_main,
+    run_script,
+)
 
 
 def test_train_help_lists_generated_flags():
@@ -136,6 +144,7 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
 
 def test_tfds_and_gpu_are_extras_not_requirements(monkeypatch):
     import runpy
+    import tomllib
 
     import setuptools
 
@@ -143,7 +152,8 @@ def test_tfds_and_gpu_are_extras_not_requirements(monkeypatch):
     monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
     monkeypatch.chdir(REPO_ROOT)
     runpy.run_path(str(REPO_ROOT / "setup.py"))
-    assert not [r for r in captured["install_requires"] if r.startswith("tensorflow-datasets")]
+    requirements = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [r for r in requirements if r.startswith("tensorflow-datasets")]
     extras = captured["extras_require"]
     assert extras["tfds"] == ["tensorflow-datasets>=4.9"] and "tensorflow-datasets>=4.9" in extras["dev"]
     assert extras["gpu"][0].startswith("tensorflow[and-cuda]")

@@ -3,9 +3,9 @@ import dataclasses
 
 import pytest
 
-from mnist_keras import archs
 from mnist_keras import config as config_lib
 from mnist_keras.config import ConfigError, TrainConfig
+from mnist_keras.models import archs
 
 
 def parse(argv):

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import data as data_lib, data_sources
-from mnist_keras.data import DataError
+from mnist_keras.data import pipeline as data_lib
+from mnist_keras.data import sources
+from mnist_keras.data.pipeline import DataError
 from tests.helpers import idx_bytes, make_folder
 
 

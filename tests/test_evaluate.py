@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_keras import artifacts, config as config_lib, evaluate, train
+from mnist_keras import config as config_lib
 from mnist_keras.cli import evaluate_main
+from mnist_keras.evaluation import evaluate
+from mnist_keras.storage import artifacts
+from mnist_keras.training import train
 
 
 def test_score_on_hand_made_probabilities():

@@ -18,7 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, cli, config as config_lib, export, models, runtimes
+from mnist_keras import cli
+from mnist_keras import config as config_lib
+from mnist_keras.export import exporter, runtimes
+from mnist_keras.models import builders
+from mnist_keras.storage import artifacts
 from tests.helpers import assert_one_line_error, make_folder, run_main, run_script
 
 TFLITE_NAMES = [f"tflite_{variant}" for variant in config_lib.TFLITE_VARIANTS]
@@ -28,7 +32,7 @@ TFLITE_NAMES = [f"tflite_{variant}" for variant in config_lib.TFLITE_VARIANTS]
 def tiny_model_path(tiny_mnist, tmp_path_factory):
     """A CNN trained for 8 steps on synthetic data, saved as a .keras file."""
     keras.utils.set_random_seed(0)
-    model = models.compile_model(models.build_model("cnn"), 3e-3)
+    model = builders.compile_model(builders.build_model("cnn"), 3e-3)
     model.fit(tiny_mnist.x_train.astype("float32"), tiny_mnist.y_train, batch_size=64, epochs=1, verbose=0)
     path = tmp_path_factory.mktemp("tiny") / "model.keras"
     artifacts.save_keras_model(model, path)
@@ -38,7 +42,7 @@ def tiny_model_path(tiny_mnist, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny_model_path, tiny_mnist):
     config = config_lib.ExportConfig(calibration_size=128, verbose=0)
-    return export.export_model(config, tiny_model_path, tiny_model_path.parent / "export", data=tiny_mnist)
+    return exporter.export_model(config, tiny_model_path, tiny_model_path.parent / "export", data=tiny_mnist)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +52,10 @@ def keras_probabilities(tiny_model_path, tiny_mnist):
 
 def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_probabilities):
     folder = exported.output_dir
-    report = json.loads((folder / export.EXPORT_FILE).read_text())
+    report = json.loads((folder / exporter.EXPORT_FILE).read_text())
     assert list(report["artifacts"]) == ["saved_model", *TFLITE_NAMES]
     assert report["test_examples"] == len(tiny_mnist.x_test)
-    assert json.loads((folder / export.EXPORT_CONFIG_FILE).read_text())["tflite"] == list(
+    assert json.loads((folder / exporter.EXPORT_CONFIG_FILE).read_text())["tflite"] == list(
         config_lib.TFLITE_VARIANTS)
     for name, record in report["artifacts"].items():
         path = folder / record["path"]
@@ -88,7 +92,7 @@ def test_saved_model_reloads_with_tensorflow_alone(exported, tiny_mnist, keras_p
         import sys
         import numpy as np
         import tensorflow as tf
-        serving = tf.saved_model.load({str(exported.output_dir / export.SAVED_MODEL_DIR)!r}).signatures[
+        serving = tf.saved_model.load({str(exported.output_dir / exporter.SAVED_MODEL_DIR)!r}).signatures[
             "serving_default"]
         spec = serving.structured_input_signature[1]["pixels"]
         assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28], spec
@@ -106,13 +110,13 @@ def test_saved_model_reloads_with_tensorflow_alone(exported, tiny_mnist, keras_p
 def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_model_path, tiny_mnist,
                                                                keras_probabilities):
     folder = exported.output_dir
-    before = (folder / export.EXPORT_FILE).read_text()
+    before = (folder / exporter.EXPORT_FILE).read_text()
     config = config_lib.ExportConfig(tflite=("int8",), int8_io="uint8", calibration_size=64, verbose=0)
     with pytest.raises(artifacts.OutputExistsError, match="--overwrite"):
-        export.export_model(config, tiny_model_path, folder, data=tiny_mnist)
-    assert (folder / export.EXPORT_FILE).read_text() == before
+        exporter.export_model(config, tiny_model_path, folder, data=tiny_mnist)
+    assert (folder / exporter.EXPORT_FILE).read_text() == before
 
-    replaced = export.export_model(dataclasses.replace(config, overwrite=True), tiny_model_path, folder,
+    replaced = exporter.export_model(dataclasses.replace(config, overwrite=True), tiny_model_path, folder,
                                    data=tiny_mnist)
     assert sorted(p.name for p in folder.iterdir()) == [
         "export.json", "export_config.json", "model_int8.tflite", "saved_model"]
@@ -129,12 +133,12 @@ def test_export_refuses_a_folder_that_is_not_an_export(tiny_model_path, tiny_mni
     (tmp_path / "notes.txt").write_text("mine")
     config = config_lib.ExportConfig(tflite=(), overwrite=True, verbose=0)
     with pytest.raises(artifacts.OutputExistsError, match="not an export folder"):
-        export.export_model(config, tiny_model_path, tmp_path, data=tiny_mnist)
+        exporter.export_model(config, tiny_model_path, tmp_path, data=tiny_mnist)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_tflite_with_a_fixed_batch_is_fed_one_image_at_a_time(tmp_path, caplog):
-    model = models.build_model("cnn")
+    model = builders.build_model("cnn")
     # A batch of exactly 1 baked in, as some converters and model hubs ship them: the CNN's reshapes
     # then refuse another batch size when the interpreter is resized.
     archive = keras.export.ExportArchive()
@@ -149,7 +153,7 @@ def test_tflite_with_a_fixed_batch_is_fed_one_image_at_a_time(tmp_path, caplog):
     loaded = runtimes.load_model(tmp_path / "batch1.tflite")
     assert loaded.inputs["shape"] == [1, 28, 28]
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
-    with caplog.at_level(logging.INFO, logger="mnist_keras.runtimes"):
+    with caplog.at_level(logging.INFO, logger="mnist_keras.export.runtimes"):
         probabilities = loaded.predict(images)
     np.testing.assert_allclose(probabilities, model.predict(images.astype("float32"), verbose=0), atol=1e-5)
     assert "cannot resize the batch to 5" in caplog.text and "feeding 1 at a time" in caplog.text
@@ -166,7 +170,7 @@ def test_train_with_export_flag_exports_the_run(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in ["saved_model", *TFLITE_NAMES]), printed
-    report = json.loads((tmp_path / "run" / "export" / export.EXPORT_FILE).read_text())
+    report = json.loads((tmp_path / "run" / "export" / exporter.EXPORT_FILE).read_text())
     assert list(report["artifacts"]) == ["saved_model", *TFLITE_NAMES]
     assert report["test_examples"] == 32
     assert report["calibration_examples"] == 64  # All the run's training images (96 - 32 validation).
@@ -226,7 +230,7 @@ def test_export_of_the_real_cnn_meets_the_bounds(trained_run_dirs, real_mnist, t
     """The default-trained CNN: fp32 TFLite agrees with Keras on >= 99.9% of the test set, dynamic and
     float16 lose <= 0.1 points, int8 loses <= 0.3 points in <= 30 KB. About 45 s on two cores."""
     model_path = trained_run_dirs["cnn"] / artifacts.MODEL_FILE
-    result = export.export_model(config_lib.ExportConfig(verbose=0), model_path, tmp_path / "export",
+    result = exporter.export_model(config_lib.ExportConfig(verbose=0), model_path, tmp_path / "export",
                                  data=real_mnist)
     records, keras_accuracy = result.artifacts, result.keras["accuracy"]
     assert len(real_mnist.x_test) == 10_000
@@ -243,10 +247,10 @@ def test_export_of_the_real_cnn_meets_the_bounds(trained_run_dirs, real_mnist, t
 def test_a_mixed_precision_model_exports_in_float32(tiny_mnist, tmp_path):
     # `train.py --mixed-precision --export` (or export.py on such a run): the model file keeps the mixed
     # policy in its layers, and TFLite has no kernels for their bfloat16 ops (an unexpected ConverterError).
-    with models.dtype_policy("mixed_bfloat16"):
-        mixed = models.build_model("mlp_small")
+    with builders.dtype_policy("mixed_bfloat16"):
+        mixed = builders.build_model("mlp_small")
     artifacts.save_keras_model(mixed, tmp_path / "model.keras")
-    result = export.export_model(config_lib.ExportConfig(tflite=("fp32", "int8"), verbose=0),
+    result = exporter.export_model(config_lib.ExportConfig(tflite=("fp32", "int8"), verbose=0),
                                  tmp_path / "model.keras", tmp_path / "export", data=tiny_mnist)
     assert set(result.artifacts) == {"saved_model", "tflite_fp32", "tflite_int8"}
     assert abs(result.artifacts["tflite_fp32"]["accuracy"] - result.keras["accuracy"]) <= 0.02

@@ -12,7 +12,9 @@ import zlib
 import numpy as np
 import pytest
 
-from mnist_keras import artifacts, cli, folders, train
+from mnist_keras.cli import commands as cli
+from mnist_keras.storage import artifacts, folders
+from mnist_keras.training import train
 from tests.helpers import make_folder
 
 FAST = ["--arch", "mlp_small", "--epochs", "1", "--batch-size", "8", "--validation-size", "8", "--verbose", "0"]
@@ -195,9 +197,9 @@ def png_claiming(width, height):
 def test_predict_reports_the_bomb_and_classifies_the_good_file(tmp_path, capsys):
     from PIL import Image
 
-    from mnist_keras import models
+    from mnist_keras.models import builders
 
-    model = models.build_model("mlp_small")
+    model = builders.build_model("mlp_small")
     artifacts.save_keras_model(model, tmp_path / "model.keras")
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_claiming(40_000, 40_000))

@@ -11,11 +11,19 @@ import time
 
 import pytest
 
-from mnist_keras import artifacts, backup, cli, launch
-from mnist_keras.cli_launch import _without_workers_flag
-from tests.helpers import (CRASH_AFTER_EPOCH_ENV, HOOKED_TRAIN, WEIGHTS_DUMP_ENV, assert_same_weights, env_with,
-                           run_main, write_npz)
-
+from mnist_keras import cli
+from mnist_keras.cli.workers import _without_workers_flag
+from mnist_keras.storage import artifacts
+from mnist_keras.training import backup, launch
+from tests.helpers import (
+    CRASH_AFTER_EPOCH_ENV,
+    HOOKED_TRAIN,
+    WEIGHTS_DUMP_ENV,
+    assert_same_weights,
+    env_with,
+    run_main,
+    write_npz,
+)
 
 # -- the launcher on its own (no TensorFlow) ----------------------------------
 

@@ -15,7 +15,8 @@ import time
 import psutil
 import pytest
 
-from mnist_keras import artifacts, launch, resources, watchdog
+from mnist_keras.storage import artifacts
+from mnist_keras.training import launch, resources, watchdog
 from tests.helpers import HANG_AFTER_EPOCH_ENV, HOOKED_TRAIN, TRAIN, env_with, write_npz
 
 # The bound the stuck-peer tests give the watchdog (the default is 300 s).
@@ -167,7 +168,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_no_temporary_files(tmp_path, tiny_
 
 def test_sigterm_to_the_launcher_stops_every_worker():
     # No TensorFlow: the workers just sleep. The launcher exits 143 (128 + SIGTERM) with one line.
-    script = ("import sys; from mnist_keras import launch; "
+    script = ("import sys; from mnist_keras.training import launch; "
               "r = launch.launch_local([sys.executable, '-c', 'import time; time.sleep(120)'], 2); "
               "print(r.interrupted, r.returncodes, r.describe_failure()); sys.exit(0)")
     launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env_with())

@@ -17,8 +17,16 @@ import psutil
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, config as config_lib, train
-from tests.helpers import HOOKED_TRAIN, TRAIN, WEIGHTS_DUMP_ENV, assert_same_weights, env_with
+from mnist_keras import config as config_lib
+from mnist_keras.storage import artifacts
+from mnist_keras.training import train
+from tests.helpers import (
+    HOOKED_TRAIN,
+    TRAIN,
+    WEIGHTS_DUMP_ENV,
+    assert_same_weights,
+    env_with,
+)
 
 pytestmark = pytest.mark.slow
 

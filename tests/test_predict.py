@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mnist_keras import predict
 from mnist_keras.cli import predict_main
+from mnist_keras.evaluation import predict
 
 
 def canvas(size=(120, 100), background=255, ink=0, box=(20, 30, 50, 90), mode="L"):
@@ -180,10 +180,10 @@ def test_empty_folder_is_an_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def untrained_model_file(tmp_path_factory):
-    from mnist_keras import models
+    from mnist_keras.models import builders
 
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    models.build_model("mlp_small").save(path)
+    builders.build_model("mlp_small").save(path)
     return path
 
 

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_keras import artifacts, config as config_lib, evaluate, predict, runtimes
+from mnist_keras import config as config_lib
 from mnist_keras.cli import predict_main
+from mnist_keras.evaluation import evaluate, predict
+from mnist_keras.export import runtimes
+from mnist_keras.storage import artifacts
 
 pytestmark = pytest.mark.slow
 SAMPLE_SIZE = 500

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from mnist_keras import archs
-from mnist_keras import config as config_lib, data as data_lib
+from mnist_keras import config as config_lib
+from mnist_keras.data import pipeline as data_lib
+from mnist_keras.models import archs
 
 pytestmark = pytest.mark.slow
 

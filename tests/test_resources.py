@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, resources, train
+from mnist_keras.storage import artifacts
+from mnist_keras.training import resources, train
 from tests.helpers import TRAIN, env_with, tiny_config, write_npz
 
 # 640 training images (tiny_mnist's 512 + 128, no validation split) in batches of 16: 40 steps an epoch.
@@ -81,7 +82,8 @@ def test_resources_stay_flat_with_two_workers(tiny_mnist, tmp_path):
 
 @pytest.mark.slow  # integration: the launcher and two worker processes
 def test_soak_smoke_reports_every_worker_and_epoch(tmp_path, capsys):
-    from mnist_keras import cli, soak
+    from mnist_keras import cli
+    from mnist_keras.benchmarking import soak
 
     assert cli.benchmark_main(["--soak-epochs", "3", "--smoke", "--output-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / soak.SOAK_DIR / soak.SOAK_FILE).read_text())

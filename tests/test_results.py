@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from mnist_keras import config as config_lib, machine, results, train
+from mnist_keras import config as config_lib
+from mnist_keras.benchmarking import machine, results
 from mnist_keras.cli import results_main
 from mnist_keras.config import ResultsConfig
+from mnist_keras.training import train
 from tests.helpers import assert_one_line_error, run_main
 
 

@@ -11,8 +11,11 @@ import sys
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, cli, evaluate, folders, train
+from mnist_keras import cli
 from mnist_keras.config import EvaluateConfig, TrainConfig
+from mnist_keras.evaluation import evaluate
+from mnist_keras.storage import artifacts, folders
+from mnist_keras.training import train
 from tests.helpers import REPO_ROOT
 
 
@@ -106,7 +109,8 @@ def evaluated_run(tiny_mnist, tmp_path):
 
 KILLED_EVALUATION = """
 import os, signal, sys
-from mnist_keras import data, evaluate
+from mnist_keras.data import pipeline
+from mnist_keras.evaluation import evaluate
 from mnist_keras.config import EvaluateConfig
 
 plot = evaluate.plot_misclassified
@@ -114,7 +118,7 @@ def plot_then_die(*args, **kwargs):
     plot(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)  # kill -9 halfway through the new evaluation's files
 evaluate.plot_misclassified = plot_then_die
-tiny = data.synthetic_mnist(train_size=512, validation_size=128, test_size=64, seed=5)
+tiny = pipeline.synthetic_mnist(train_size=512, validation_size=128, test_size=64, seed=5)
 evaluate.run(EvaluateConfig(overwrite=True), sys.argv[1], sys.argv[2], data=tiny)
 """
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import os
+import re
 import statistics
 import time
 import urllib.error
@@ -46,32 +46,34 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def test_decode_image_refuses_bad_uploads():
-    from mnist_keras import serve_classifier
+    from mnist_keras.serving import classifier
 
     with pytest.raises(ValueError, match="empty upload"):
-        serve_classifier.decode_image(b"", 1000)
+        classifier.decode_image(b"", 1000)
     with pytest.raises(ValueError, match="not an image"):
-        serve_classifier.decode_image(b"%PDF-1.4 not a picture", 1000)
-    with pytest.raises(serve_classifier.InputTooLargeError, match="at most 1000 bytes"):
-        serve_classifier.decode_image(b"x" * 1001, 1000)
+        classifier.decode_image(b"%PDF-1.4 not a picture", 1000)
+    with pytest.raises(classifier.InputTooLargeError, match="at most 1000 bytes"):
+        classifier.decode_image(b"x" * 1001, 1000)
     with pytest.raises(ValueError, match="not a readable image"):
         noise = np.random.default_rng(0).integers(0, 256, (40, 40))
-        serve_classifier.decode_image(png_bytes(noise)[:800], 10_000)  # a truncated PNG
-    assert serve_classifier.decode_image(png_bytes(np.zeros((40, 30))), 10_000).size == (30, 40)
+        classifier.decode_image(png_bytes(noise)[:800], 10_000)  # a truncated PNG
+    assert classifier.decode_image(png_bytes(np.zeros((40, 30))), 10_000).size == (30, 40)
 
 
 def test_decode_image_refuses_too_many_pixels(monkeypatch):
-    from mnist_keras import predict, serve_classifier
+    from mnist_keras.evaluation import predict
+    from mnist_keras.serving import classifier
 
-    monkeypatch.setattr(serve_classifier, "MAX_PIXELS", 50 * 50)
+    monkeypatch.setattr(classifier, "MAX_PIXELS", 50 * 50)
     with pytest.raises(predict.ImageTooLargeError, match="51x50"):
-        serve_classifier.decode_image(png_bytes(np.zeros((50, 51))), 100_000)
+        classifier.decode_image(png_bytes(np.zeros((50, 51))), 100_000)
 
 
 def test_classifier_answers_top_k_and_blank(tiny_model):
-    from mnist_keras import predict, serve_classifier
+    from mnist_keras.evaluation import predict
+    from mnist_keras.serving import classifier as classifier_lib
 
-    classifier = serve_classifier.DigitClassifier(tiny_model, top_k=3)
+    classifier = classifier_lib.DigitClassifier(tiny_model, top_k=3)
     image = np.full((90, 70), 255, np.uint8)
     image[15:75, 30:40] = 0  # a dark "1" on white paper
     result = classifier.classify(image)
@@ -92,10 +94,12 @@ def test_serve_config_checks_flags():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """An untrained-quality CNN saved as .keras and loaded back the way the app loads models."""
-    from mnist_keras import artifacts, models, runtimes
+    from mnist_keras.export import runtimes
+    from mnist_keras.models import builders
+    from mnist_keras.storage import artifacts
 
     path = tmp_path_factory.mktemp("serve") / "tiny.keras"
-    artifacts.save_keras_model(models.build_model("cnn"), path)
+    artifacts.save_keras_model(builders.build_model("cnn"), path)
     return runtimes.load_model(path)
 
 
@@ -120,10 +124,11 @@ def app_url(trained_run_dirs, tmp_path_factory):
     except ImportError:
         _require(False, 'gradio is not installed: pip install -e ".[serve]"')
     os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
-    from mnist_keras import runtimes, serve
+    from mnist_keras.export import runtimes
+    from mnist_keras.serving import app
 
     model = runtimes.load_model(trained_run_dirs["cnn"])
-    server = serve.start_server(serve.build_app(model, ServeConfig(port=0, max_upload_bytes=200_000)), port=0)
+    server = app.start_server(app.build_app(model, ServeConfig(port=0, max_upload_bytes=200_000)), port=0)
     yield server.url
     server.stop()
 

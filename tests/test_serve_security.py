@@ -38,7 +38,7 @@ from mnist_keras.config import ServeConfig
 from tests.helpers import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "serve"
-SERVER_FILES = ("/etc/passwd", str(REPO_ROOT / "docs" / "serve.png"), "/dev/zero")
+SERVER_FILES = ("/etc/passwd", str(REPO_ROOT / "docs" / "app.png"), "/dev/zero")
 PAGE_ENDPOINTS = ("from_upload", "from_sketch")
 MAX_UPLOAD = 2_000_000  # the default --max-upload-bytes
 
@@ -138,16 +138,17 @@ def raw_get(port: int, host_header: str) -> int:
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """An untrained CNN saved as .keras (the server's speed and memory do not depend on training)."""
-    from mnist_keras import artifacts, models
+    from mnist_keras.models import builders
+    from mnist_keras.storage import artifacts
 
     path = tmp_path_factory.mktemp("serve-security") / "tiny.keras"
-    artifacts.save_keras_model(models.build_model("cnn"), path)
+    artifacts.save_keras_model(builders.build_model("cnn"), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def tiny_model(model_file):
-    from mnist_keras import runtimes
+    from mnist_keras.export import runtimes
 
     return runtimes.load_model(model_file)
 
@@ -167,10 +168,10 @@ def upload_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_model, upload_dir):
     pytest.importorskip("gradio")
-    from mnist_keras import serve
+    from mnist_keras.serving import app as app_lib
 
-    app = serve.build_app(tiny_model, ServeConfig(port=0, allowed_hosts=("digits.example",)))
-    running = serve.start_server(app, port=0, max_connections=12, header_timeout=1.5, body_timeout=1.5)
+    app = app_lib.build_app(tiny_model, ServeConfig(port=0, allowed_hosts=("digits.example",)))
+    running = app_lib.start_server(app, port=0, max_connections=12, header_timeout=1.5, body_timeout=1.5)
     yield running
     running.stop()
 
@@ -201,7 +202,7 @@ def test_page_events_refuse_server_paths(url, upload_dir, endpoint):
         assert_page_answers_fast(url)
     # Nothing of the server's files was copied where clients can fetch it.
     copied = [p for p in upload_dir.rglob("*") if p.is_file() and p.stat().st_size
-              and (b"root:" in p.read_bytes()[:4096] or p.name in ("passwd", "serve.png", "zero"))]
+              and (b"root:" in p.read_bytes()[:4096] or p.name in ("passwd", "app.png", "zero"))]
     assert not copied, copied
 
 
@@ -215,15 +216,15 @@ def test_the_file_route_serves_no_server_file(url, upload_dir, path):
 
 def test_the_upload_handler_opens_only_files_in_the_upload_folder(upload_dir):
     pytest.importorskip("gradio")
-    from mnist_keras import serve_classifier
+    from mnist_keras.serving import classifier
 
     inside = upload_dir / "digit.png"
     inside.write_bytes(digit_png())
     (upload_dir / "link.png").symlink_to("/etc/passwd")
-    assert serve_classifier.uploaded_file(str(inside)) == inside.resolve()
+    assert classifier.uploaded_file(str(inside)) == inside.resolve()
     for path in (*SERVER_FILES, str(upload_dir / "link.png"), str(upload_dir / ".." / "x.png"), str(upload_dir)):
         with pytest.raises(ValueError, match="not an uploaded file"):
-            serve_classifier.uploaded_file(path)
+            classifier.uploaded_file(path)
 
 
 def test_page_upload_classifies_an_uploaded_image(url):
@@ -233,7 +234,7 @@ def test_page_upload_classifies_an_uploaded_image(url):
 
 
 def test_oversize_images_are_refused_from_their_header_on_every_route(url):
-    from mnist_keras import serve_page
+    from mnist_keras.serving import page
 
     bomb = header_only_png(5000, 5000)  # 25 Mpx declared, 60 bytes of data
     assert len(bomb) < 1000
@@ -241,7 +242,7 @@ def test_oversize_images_are_refused_from_their_header_on_every_route(url):
     assert status == 413 and "5000x5000" in answer["error"], answer
     stream = gradio_call(url, "from_upload", file_data(upload(url, bomb)))
     assert "Too large" in stream and "5000x5000" in stream, stream[:300]
-    side = int(serve_page.SKETCH_MAX_PIXELS ** 0.5) + 1
+    side = int(page.SKETCH_MAX_PIXELS ** 0.5) + 1
     stream = gradio_call(url, "from_sketch", page_value("from_sketch", upload(url, header_only_png(side, side))))
     assert "event: error" in stream and "Canvas image too large" in stream, stream[:300]
     # A bomb past twice Pillow's own limit is refused inside Image.open, the same way.
@@ -251,35 +252,36 @@ def test_oversize_images_are_refused_from_their_header_on_every_route(url):
 
 
 def test_large_images_are_shrunk_while_decoding():
-    from mnist_keras import serve_classifier
+    from mnist_keras.serving import classifier
 
-    image = serve_classifier.decode_image(digit_png(3000), MAX_UPLOAD)
-    assert max(image.size) <= serve_classifier.WORK_SIDE
+    image = classifier.decode_image(digit_png(3000), MAX_UPLOAD)
+    assert max(image.size) <= classifier.WORK_SIDE
     buffer = io.BytesIO()
     Image.new("L", (4000, 3000), 255).save(buffer, format="JPEG")
-    assert max(serve_classifier.decode_image(buffer.getvalue(), MAX_UPLOAD).size) <= serve_classifier.WORK_SIDE
+    assert max(classifier.decode_image(buffer.getvalue(), MAX_UPLOAD).size) <= classifier.WORK_SIDE
 
 
 def test_only_common_image_formats_are_decoded():
-    from mnist_keras import serve_classifier
+    from mnist_keras.serving import classifier
 
     buffer = io.BytesIO()
     Image.new("L", (40, 40), 255).save(buffer, format="TIFF")
     with pytest.raises(ValueError, match="not an image"):
-        serve_classifier.decode_image(buffer.getvalue(), MAX_UPLOAD)
+        classifier.decode_image(buffer.getvalue(), MAX_UPLOAD)
 
 
 def test_bomb_handling_leaves_warning_filters_and_pillow_limit_alone():
-    from mnist_keras import predict, serve_classifier
+    from mnist_keras.evaluation import predict
+    from mnist_keras.serving import classifier
 
     filters, limit = list(warnings.filters), Image.MAX_IMAGE_PIXELS
     good, bombs = digit_png(), [header_only_png(5000, 5000), header_only_png(12_000, 12_000),
                                 header_only_png(20_000, 20_000)]
-    assert serve_classifier.decode_image(good, MAX_UPLOAD).size == (56, 56)
+    assert classifier.decode_image(good, MAX_UPLOAD).size == (56, 56)
 
     def one(index: int) -> str:
         try:
-            serve_classifier.decode_image(bombs[index % 3] if index % 2 else good, MAX_UPLOAD)
+            classifier.decode_image(bombs[index % 3] if index % 2 else good, MAX_UPLOAD)
             return "ok"
         except predict.ImageTooLargeError:
             return "too large"
@@ -288,7 +290,7 @@ def test_bomb_handling_leaves_warning_filters_and_pillow_limit_alone():
         outcomes = list(pool.map(one, range(200)))
     assert outcomes.count("ok") == 100 and outcomes.count("too large") == 100
     assert list(warnings.filters) == filters and Image.MAX_IMAGE_PIXELS == limit
-    assert serve_classifier.decode_image(good, MAX_UPLOAD).size == (56, 56)
+    assert classifier.decode_image(good, MAX_UPLOAD).size == (56, 56)
 
 
 def test_host_header_allow_list(server, url):
@@ -300,12 +302,12 @@ def test_host_header_allow_list(server, url):
 
 
 def test_allowed_hosts_names_loopback_the_bound_address_and_extras():
-    from mnist_keras import serve_limits
+    from mnist_keras.serving import limits
 
-    assert serve_limits.allowed_hosts("127.0.0.1") == ["localhost", "127.0.0.1", "[::1]"]
-    assert serve_limits.allowed_hosts("0.0.0.0", ("Digits.Example",)) == [
+    assert limits.allowed_hosts("127.0.0.1") == ["localhost", "127.0.0.1", "[::1]"]
+    assert limits.allowed_hosts("0.0.0.0", ("Digits.Example",)) == [
         "localhost", "127.0.0.1", "[::1]", "digits.example"]
-    assert serve_limits.allowed_hosts("fe80::1", ("[::2]",))[-2:] == ["[fe80::1]", "[::2]"]
+    assert limits.allowed_hosts("fe80::1", ("[::2]",))[-2:] == ["[fe80::1]", "[::2]"]
 
 
 def _status_after_sending(port: int, head: bytes, chunks) -> int:
@@ -347,9 +349,9 @@ def test_oversized_bodies_get_413_on_gradio_routes_too(url):
 
 
 def test_json_requests_over_the_in_flight_cap_get_503(url, monkeypatch):
-    from mnist_keras import serve
+    from mnist_keras.serving import app as app_lib
 
-    monkeypatch.setattr(serve, "MAX_IN_FLIGHT", 0)
+    monkeypatch.setattr(app_lib, "MAX_IN_FLIGHT", 0)
     status, answer = classify(url, digit_png())
     assert status == 503 and "busy" in answer["error"]
     monkeypatch.undo()
@@ -361,10 +363,11 @@ def test_sketchpad_blob_store_is_bounded():
     import types
 
     import gradio as gr
-    from mnist_keras import serve_page
+
+    from mnist_keras.serving import page
 
     with gr.Blocks():
-        sketchpad = serve_page._bound_sketchpad(gr.Sketchpad())
+        sketchpad = page._bound_sketchpad(gr.Sketchpad())
     assert getattr(sketchpad.accept_blobs, "_is_server_fn", False)  # still callable from the page
 
     def blob(index, id_):
@@ -373,9 +376,9 @@ def test_sketchpad_blob_store_is_bounded():
 
     with pytest.raises(gr.Error):
         sketchpad.accept_blobs(blob(str(10 ** 9), "a"))  # would grow a list of a billion entries
-    for number in range(3 * serve_page.SKETCH_MAX_PENDING):
+    for number in range(3 * page.SKETCH_MAX_PENDING):
         sketchpad.accept_blobs(blob("0", f"id{number}"))
-    assert len(sketchpad.blob_storage) == serve_page.SKETCH_MAX_PENDING
+    assert len(sketchpad.blob_storage) == page.SKETCH_MAX_PENDING
 
 
 def _open_fds() -> int:
@@ -425,7 +428,7 @@ def test_slow_clients_are_closed_and_connections_capped(server, url):
 
 
 def test_predict_reports_a_bomb_in_one_line_and_classifies_the_rest(tmp_path):
-    from mnist_keras import predict
+    from mnist_keras.evaluation import predict
 
     class Model:
         def predict(self, images):
@@ -509,9 +512,9 @@ def _peak_rss_bytes(pid: int) -> int:
 
 @pytest.mark.slow
 def test_16_concurrent_maximum_size_uploads_stay_in_the_memory_budget(model_file, tmp_path):
-    from mnist_keras import serve_classifier
+    from mnist_keras.serving import classifier
 
-    side = int(serve_classifier.MAX_PIXELS ** 0.5)
+    side = int(classifier.MAX_PIXELS ** 0.5)
     big = digit_png(side, "RGBA")  # 4096x4096 RGBA: the most pixels and bytes a pixel allowed
     assert len(big) <= MAX_UPLOAD
     process, url = start_serve_script(model_file, tmp_path)

@@ -3,7 +3,7 @@ import json
 import pytest
 import tensorflow as tf
 
-from mnist_keras import strategy as strategy_lib
+from mnist_keras.training import strategy as strategy_lib
 
 
 def test_default_and_auto_without_gpus(monkeypatch):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import artifacts, loop, models, train
-from mnist_keras import archs
+from mnist_keras.models import archs, builders
+from mnist_keras.storage import artifacts
+from mnist_keras.training import loop, train
 from tests.helpers import tiny_config
 
 
@@ -76,7 +77,7 @@ def test_two_step_run_under_mirrored_strategy(tiny_mnist, mirrored_strategy):
 def loss_after_one_step(strategy, images, labels):
     keras.utils.set_random_seed(7)
     with strategy.scope():
-        model = models.compile_model(models.build_model("cnn"), 1e-2)
+        model = builders.compile_model(builders.build_model("cnn"), 1e-2)
     training = loop.TrainingLoop(model, strategy, global_batch_size=len(images), steps_per_execution=1)
     training.fit(images, labels, epochs=1, verbose=0)
     return training.evaluate(images, labels)["loss"]
@@ -91,7 +92,7 @@ def test_default_and_mirrored_agree_after_one_step(tiny_mnist, mirrored_strategy
 
 def test_batch_must_divide_across_replicas(mirrored_strategy):
     with mirrored_strategy.scope():
-        model = models.compile_model(models.build_model("mlp_small"))
+        model = builders.compile_model(builders.build_model("mlp_small"))
     with pytest.raises(ValueError, match="multiple of the 2 replicas"):
         loop.TrainingLoop(model, mirrored_strategy, global_batch_size=33)
 
@@ -119,7 +120,7 @@ def test_ema_run_ends_with_the_averaged_weights(tiny_mnist):
 
 def test_label_smoothing_trains_but_reports_the_plain_loss(tiny_mnist):
     keras.utils.set_random_seed(1)
-    model = models.compile_model(models.build_model("mlp_small"), 1e-2)
+    model = builders.compile_model(builders.build_model("mlp_small"), 1e-2)
     strategy = tf.distribute.get_strategy()
     loop.TrainingLoop(model, strategy, 64).fit(tiny_mnist.x_train, tiny_mnist.y_train, epochs=3, verbose=0)
     model.optimizer.learning_rate.assign(0.0)  # confident now; from here no step moves the weights

@@ -16,12 +16,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_keras import archs
-from mnist_keras import tune_space
-from mnist_keras import artifacts, cli, loop, models, runtimes, tune
-from mnist_keras import data as data_lib
-from mnist_keras.config import ConfigError, TuneConfig
-from tests.helpers import REPO_ROOT, assert_one_line_error, make_folder, run_main, run_script
+from mnist_keras import cli
+from mnist_keras.config import ConfigError, TrainConfig, TuneConfig
+from mnist_keras.data import pipeline as data_lib
+from mnist_keras.export import runtimes
+from mnist_keras.models import archs, builders
+from mnist_keras.storage import artifacts
+from mnist_keras.training import loop, train
+from mnist_keras.tuning import search, space
+from tests.helpers import (
+    REPO_ROOT,
+    assert_one_line_error,
+    make_folder,
+    run_main,
+    run_script,
+)
 
 
 def tiny_tune_config(**overrides):
@@ -39,7 +48,7 @@ def small_data():
 @pytest.fixture(scope="module")
 def finished_search(small_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tune") / "mlp_small"
-    return tune.run(tiny_tune_config(), output_dir=folder, data=small_data, strategy=tf.distribute.get_strategy())
+    return search.run(tiny_tune_config(), output_dir=folder, data=small_data, strategy=tf.distribute.get_strategy())
 
 
 def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data):
@@ -63,21 +72,21 @@ def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data)
     assert metrics["test_accuracy"] == retrained["test_accuracy"] and metrics["validation_examples"] == 0
 
     # The run folder is an ordinary one: its model loads and has the winner's layer sizes.
-    sizes = tune_space.builder_arguments("mlp_small", best["best_trial"]["hyperparameters"])
+    sizes = space.builder_arguments("mlp_small", best["best_trial"]["hyperparameters"])
     run_config = json.loads((folder / "best/config.json").read_text())
     assert run_config["hyperparameters"] == {"hidden_units": list(sizes["hidden_units"])}
     assert run_config["learning_rate"] == best["best_trial"]["hyperparameters"]["learning_rate"]
     loaded = runtimes.load_model(folder / "best")
     probabilities = loaded.predict(small_data.x_test[:4])
     assert probabilities.shape == (4, 10)
-    expected = models.build_model("mlp_small", **sizes).count_params()
+    expected = builders.build_model("mlp_small", **sizes).count_params()
     assert metrics["parameters"] == expected
 
 
 @pytest.mark.slow  # scenario: a second whole search, compared with the first
 def test_poisoned_test_labels_give_the_same_trials(finished_search, small_data, tmp_path):
     poisoned = dataclasses.replace(small_data, y_test=((small_data.y_test + 1) % 10).astype(np.uint8))
-    result = tune.run(tiny_tune_config(), output_dir=tmp_path / "poisoned", data=poisoned,
+    result = search.run(tiny_tune_config(), output_dir=tmp_path / "poisoned", data=poisoned,
                       strategy=tf.distribute.get_strategy())
 
     def comparable(trials):
@@ -93,7 +102,7 @@ def test_poisoned_test_labels_give_the_same_trials(finished_search, small_data, 
 def test_finished_search_is_not_replaced_without_overwrite(finished_search, small_data):
     before = (finished_search.output_dir / "best.json").read_bytes()
     with pytest.raises(artifacts.OutputExistsError, match="finished search; pass --overwrite"):
-        tune.run(tiny_tune_config(), output_dir=finished_search.output_dir, data=small_data)
+        search.run(tiny_tune_config(), output_dir=finished_search.output_dir, data=small_data)
     assert (finished_search.output_dir / "best.json").read_bytes() == before
 
 
@@ -112,14 +121,14 @@ def test_interrupted_search_resumes_without_retraining_finished_trials(small_dat
     monkeypatch.setattr(loop.TrainingLoop, "fit", fit)
     interrupt_at = 2  # inside the second trial
     with pytest.raises(KeyboardInterrupt):
-        tune.run(tiny_tune_config(), output_dir=folder, data=small_data)
+        search.run(tiny_tune_config(), output_dir=folder, data=small_data)
     first_trial = (folder / "tuner/trial_0/trial.json").read_text()
     assert json.loads((folder / "tuner/trial_1/trial.json").read_text())["status"] == "RUNNING"
     assert not (folder / "best.json").exists()
 
     calls.clear()
     interrupt_at = None
-    result = tune.run(tiny_tune_config(), output_dir=folder, data=small_data)
+    result = search.run(tiny_tune_config(), output_dir=folder, data=small_data)
     # One call for the unfinished second trial, one for the retrained winner; trial 0 is not trained again.
     assert len(calls) == 2
     assert [t["trial_id"] for t in result.trials] == ["0", "1"]
@@ -130,28 +139,28 @@ def test_interrupted_search_resumes_without_retraining_finished_trials(small_dat
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     folder = tmp_path / "search"
-    tune.prepare_search_dir(folder, tiny_tune_config())
-    assert tune.prepare_search_dir(folder, tiny_tune_config(max_trials=5)) is True  # more trials: fine
+    search.prepare_search_dir(folder, tiny_tune_config())
+    assert search.prepare_search_dir(folder, tiny_tune_config(max_trials=5)) is True  # more trials: fine
     with pytest.raises(artifacts.OutputExistsError, match="--epochs 1"):
-        tune.prepare_search_dir(folder, tiny_tune_config(epochs=2))
-    assert tune.prepare_search_dir(folder, tiny_tune_config(epochs=2, overwrite=True)) is False
+        search.prepare_search_dir(folder, tiny_tune_config(epochs=2))
+    assert search.prepare_search_dir(folder, tiny_tune_config(epochs=2, overwrite=True)) is False
 
 
 def test_overwrite_removes_the_search_and_keeps_the_users_files(tmp_path):
     folder = tmp_path / "search"
-    tune.prepare_search_dir(folder, tiny_tune_config())
+    search.prepare_search_dir(folder, tiny_tune_config())
     (folder / "best.json").write_text("{}")
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(artifacts.OutputExistsError, match="holds a finished search; pass --overwrite"):
-        tune.prepare_search_dir(folder, tiny_tune_config())
-    assert tune.prepare_search_dir(folder, tiny_tune_config(overwrite=True)) is False
+        search.prepare_search_dir(folder, tiny_tune_config())
+    assert search.prepare_search_dir(folder, tiny_tune_config(overwrite=True)) is False
     assert not (folder / "best.json").exists() and (folder / "notes.txt").read_text() == "mine"
 
 
 def test_foreign_folder_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(artifacts.OutputExistsError, match="not a search folder"):
-        tune.prepare_search_dir(tmp_path, tiny_tune_config(overwrite=True))
+        search.prepare_search_dir(tmp_path, tiny_tune_config(overwrite=True))
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -174,7 +183,7 @@ def test_every_trial_failing_is_an_error_with_the_cause(tmp_path, monkeypatch, c
 @pytest.mark.slow  # scenario: a hyperband search of 4 CNN trials, up to 3 epochs each
 def test_hyperband_continues_a_trial_from_its_parent(small_data, tmp_path):
     config = tiny_tune_config(arch="cnn", tuner="hyperband", max_trials=4, epochs=3, batch_size=64)
-    result = tune.run(config, output_dir=tmp_path / "hyperband", data=small_data)
+    result = search.run(config, output_dir=tmp_path / "hyperband", data=small_data)
     continued = [t for t in result.trials if t["continues_trial"] is not None]
     assert continued, result.trials
     parent = next(t for t in result.trials if t["trial_id"] == continued[0]["continues_trial"])
@@ -185,16 +194,16 @@ def test_hyperband_continues_a_trial_from_its_parent(small_data, tmp_path):
 
 def test_seeds_are_the_fixed_models():
     # Every arch's seed inside the default space and building the fixed model: tests/test_archs.py.
-    assert tune_space.seed_hyperparameters("mlp") == {"units_1": 120, "units_2": 84, "learning_rate": 1e-3}
-    assert tune_space.seed_hyperparameters("cnn") == {"filters_1": 10, "filters_2": 20, "dense_units": 50,
+    assert space.seed_hyperparameters("mlp") == {"units_1": 120, "units_2": 84, "learning_rate": 1e-3}
+    assert space.seed_hyperparameters("cnn") == {"filters_1": 10, "filters_2": 20, "dense_units": 50,
                                                       "learning_rate": archs.get("cnn").preset["learning_rate"]}
 
 
 def test_search_space_flag_that_excludes_the_seed_is_one_line():
     with pytest.raises(ConfigError, match=r"--min-units/--max-units must contain mlp_small's seed units_1=50"):
-        tune_space.check_search_space(TuneConfig(arch="mlp_small", min_units=64))
+        space.check_search_space(TuneConfig(arch="mlp_small", min_units=64))
     with pytest.raises(ConfigError, match="--min-filters/--max-filters"):
-        tune_space.check_search_space(TuneConfig(arch="cnn", max_filters=16))
+        space.check_search_space(TuneConfig(arch="cnn", max_filters=16))
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -222,13 +231,13 @@ def test_help_shows_the_search_spaces():
         start = next(i for i, line in enumerate(epilog) if line.strip().startswith(arch + " "))
         block = [epilog[start]] + [line for line in epilog[start + 1:start + 3] if line.startswith(" " * 13)]
         shown = [float(value) for line in block for value in line.split("seed ")[1].split(", ")]
-        assert shown == list(tune_space.seed_hyperparameters(arch).values()), block
+        assert shown == list(space.seed_hyperparameters(arch).values()), block
 
 
 @pytest.mark.slow
 def test_real_mnist_search_finds_at_least_the_seed(real_mnist, tmp_path):
     config = TuneConfig(arch="mlp_small", tuner="random", max_trials=3, epochs=1, verbose=0)
-    result = tune.run(config, output_dir=tmp_path / "mlp_small", data=real_mnist)
+    result = search.run(config, output_dir=tmp_path / "mlp_small", data=real_mnist)
     assert len(result.trials) == 3 and result.trials[0]["seed_configuration"]
     assert result.best["best_trial"]["val_accuracy"] >= result.seed_trial["val_accuracy"] > 0.9
     assert result.best["retrained"]["test_accuracy"] > 0.9
@@ -260,3 +269,24 @@ def test_killed_search_resumes_from_the_command_line(tmp_path):
     assert (out / "tuner/trial_0/trial.json").read_text() == first  # not trained again
     assert trials[0]["finished_at"] < trials[1]["started_at"] < trials[2]["started_at"]
     assert (out / "best.json").exists() and (out / "best/metrics.json").exists()
+
+
+def test_trials_and_the_winner_train_with_the_presets_recipe(small_data, tmp_path, monkeypatch):
+    # A search must rank hyperparameters under the conditions the user trains with: the CNN preset's
+    # augmentation, label smoothing and warmup, with only the searched values changed.
+    used = []
+    training_loop = train.training_loop
+    monkeypatch.setattr(train, "training_loop", lambda config, *args, **kwargs: used.append(config) or
+                        training_loop(config, *args, **kwargs))
+    config = TuneConfig(arch="cnn", max_trials=1, epochs=1, seed=3, steps_per_execution=4, verbose=0,
+                        batch_size=32)
+    result = search.run(config, output_dir=tmp_path / "cnn", data=small_data, strategy=tf.distribute.get_strategy())
+    preset = archs.get("cnn").preset
+    recorded = result.trials[0]["train_config"]
+    assert len(used) == 2  # the trial, then the winner retrained
+    for trained in [*used, TrainConfig(**{**recorded, "devices": tuple(recorded["devices"])})]:
+        assert (trained.shift_pixels, trained.rotation_degrees, trained.scale_range, trained.label_smoothing,
+                trained.warmup_epochs) == (preset["shift_pixels"], preset["rotation_degrees"],
+                                           preset["scale_range"], preset["label_smoothing"], preset["warmup_epochs"])
+        assert trained.batch_size == 32 and trained.seed == 3  # the search's own flags still win
+    assert recorded["learning_rate"] == result.trials[0]["hyperparameters"]["learning_rate"]

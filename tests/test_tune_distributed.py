@@ -17,11 +17,12 @@ import keras_tuner
 import psutil
 import pytest
 
-from mnist_keras import launch, tune, tune_distributed
-from mnist_keras import tuner
-from mnist_keras import tune_space
 from mnist_keras.config import ConfigError, TuneConfig
+from mnist_keras.training import launch
+from mnist_keras.tuning import distributed, hypermodel, search
+from mnist_keras.tuning import space as space_lib
 from tests.helpers import TUNE, env_with, write_npz
+
 PROGRESS = re.compile(r"Trial (\d+)/(\d+) \((tuner\d+)\): val_accuracy")
 
 
@@ -61,21 +62,21 @@ def assert_bookkeeping(out, trials):
 
 
 def test_roles_come_from_keras_tuners_variables():
-    assert tune_distributed.role_from_env({}) is None
-    chief = tune_distributed.role_from_env({"KERASTUNER_ORACLE_IP": "10.0.0.5", "KERASTUNER_ORACLE_PORT": "8000",
+    assert distributed.role_from_env({}) is None
+    chief = distributed.role_from_env({"KERASTUNER_ORACLE_IP": "10.0.0.5", "KERASTUNER_ORACLE_PORT": "8000",
                                             "KERASTUNER_TUNER_ID": "chief"})
     assert chief.is_chief and chief.address == "10.0.0.5:8000"
-    assert not tune_distributed.role_from_env({"KERASTUNER_ORACLE_IP": "h", "KERASTUNER_ORACLE_PORT": "1",
+    assert not distributed.role_from_env({"KERASTUNER_ORACLE_IP": "h", "KERASTUNER_ORACLE_PORT": "1",
                                                "KERASTUNER_TUNER_ID": "tuner3"}).is_chief
     with pytest.raises(ConfigError, match="KERASTUNER_TUNER_ID must be too"):
-        tune_distributed.role_from_env({"KERASTUNER_ORACLE_IP": "h", "KERASTUNER_ORACLE_PORT": "1"})
+        distributed.role_from_env({"KERASTUNER_ORACLE_IP": "h", "KERASTUNER_ORACLE_PORT": "1"})
     with pytest.raises(ConfigError, match="KERASTUNER_ORACLE_PORT must be a TCP port number. Received: 'x'"):
-        tune_distributed.role_from_env({"KERASTUNER_ORACLE_IP": "h", "KERASTUNER_ORACLE_PORT": "x",
+        distributed.role_from_env({"KERASTUNER_ORACLE_IP": "h", "KERASTUNER_ORACLE_PORT": "x",
                                         "KERASTUNER_TUNER_ID": "chief"})
 
 
 def test_local_search_is_a_chief_and_n_tuners_on_one_loopback_port():
-    names, envs = tune_distributed.local_search_envs(3)
+    names, envs = distributed.local_search_envs(3)
     assert names == ["chief", "tuner0", "tuner1", "tuner2"]
     assert [env["KERASTUNER_TUNER_ID"] for env in envs] == names
     assert len({env["KERASTUNER_ORACLE_PORT"] for env in envs}) == 1
@@ -85,7 +86,7 @@ def test_local_search_is_a_chief_and_n_tuners_on_one_loopback_port():
 def test_workers_flag_refuses_keras_tuners_variables(monkeypatch):
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "10.0.0.5")
     with pytest.raises(ConfigError, match="--workers starts its own chief and tuners"):
-        tune_distributed.launch_local_search(["true"], 2)
+        distributed.launch_local_search(["true"], 2)
 
 
 def test_launcher_takes_per_worker_variables_and_names(tmp_path):
@@ -105,18 +106,18 @@ def test_launcher_takes_per_worker_variables_and_names(tmp_path):
 @pytest.fixture()
 def oracle(tmp_path):
     config = TuneConfig(arch="mlp_small", max_trials=3, epochs=1)
-    oracle = tuner._RandomOracle(config, max_trials=3, seed=1,
-                                objective=keras_tuner.Objective(tuner.OBJECTIVE, direction="max"))
+    oracle = hypermodel._RandomOracle(config, max_trials=3, seed=1,
+                                objective=keras_tuner.Objective(hypermodel.OBJECTIVE, direction="max"))
     oracle._set_project_dir(str(tmp_path), "tuner")
     oracle.verbose = 0
     space = oracle.get_space()
-    tune_space.declare_search_space(space, config)
+    space_lib.declare_search_space(space, config)
     oracle.update_space(space)
     return oracle
 
 
 def finish(oracle, trial, accuracy=0.5):
-    oracle.update_trial(trial.trial_id, {tuner.OBJECTIVE: accuracy})
+    oracle.update_trial(trial.trial_id, {hypermodel.OBJECTIVE: accuracy})
     trial.status = "COMPLETED"
     oracle.end_trial(trial)
 
@@ -125,7 +126,7 @@ def test_a_silent_tuners_trial_goes_to_the_next_tuner_that_asks(oracle):
     first = oracle.create_trial("tuner0")
     lost = oracle.create_trial("tuner1")
     heard = {first.trial_id: time.monotonic(), lost.trial_id: time.monotonic() - 100}
-    assert tune_distributed.requeue_lost_trials(oracle, heard, timeout=10) == ["tuner1"]
+    assert distributed.requeue_lost_trials(oracle, heard, timeout=10) == ["tuner1"]
     assert "tuner1" not in oracle.ongoing_trials and "tuner1" not in oracle.tuner_ids
     finish(oracle, first)
     again = oracle.create_trial("tuner0")
@@ -143,7 +144,7 @@ def test_a_silent_tuners_trial_goes_to_the_next_tuner_that_asks(oracle):
 
 def test_max_trials_holds_across_tuners_and_the_seed_is_first(oracle):
     trials = [oracle.create_trial(f"tuner{i % 2}") for i in range(2)]
-    assert trials[0].hyperparameters.values == tune_space.seed_hyperparameters("mlp_small")
+    assert trials[0].hyperparameters.values == space_lib.seed_hyperparameters("mlp_small")
     for trial in trials:
         finish(oracle, trial)
     third = oracle.create_trial("tuner0")
@@ -162,7 +163,7 @@ def test_a_waiting_tuner_takes_over_a_lost_tuners_trial(oracle):
     third = oracle.create_trial("tuner0")
     finish(oracle, third)
     assert oracle.create_trial("tuner0").status == "IDLE"  # tuner1 still runs the second trial
-    lost = tune_distributed.requeue_lost_trials(oracle, {second.trial_id: 0.0}, timeout=1.0)
+    lost = distributed.requeue_lost_trials(oracle, {second.trial_id: 0.0}, timeout=1.0)
     assert lost == ["tuner1"]
     retried = oracle.create_trial("tuner0")
     assert retried.status == "RUNNING" and retried.trial_id == second.trial_id
@@ -304,7 +305,7 @@ def test_by_hand_a_dead_chief_ends_the_tuner_with_one_line(tiny_mnist, tmp_path)
         wait_for_runs(out, 2)
         chief.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        output, _ = tuner.communicate(timeout=120)
+        output, _ = hypermodel.communicate(timeout=120)
         took = time.monotonic() - killed
     finally:
         for process in (chief, tuner):
@@ -312,7 +313,7 @@ def test_by_hand_a_dead_chief_ends_the_tuner_with_one_line(tiny_mnist, tmp_path)
                 process.kill()
                 process.wait()
     errors = [line for line in output.splitlines() if "error:" in line]
-    assert tuner.returncode == 1 and len(errors) == 1, output
+    assert hypermodel.returncode == 1 and len(errors) == 1, output
     assert "tuner0 lost the oracle chief at 127.0.0.1" in errors[0]
     # --worker-timeout, plus a heartbeat or the end of a trial: far below keras-tuner's own hour.
     assert took < 60, took

@@ -17,11 +17,34 @@ This package is the ground floor: it imports neither TensorFlow nor Keras, so
 """
 
 from mnist_keras.config.fields import (  # noqa: F401
-    DATA_SOURCES, INT8_IO_TYPES, LR_SCHEDULES, MODELS_ROOT, STRATEGIES, TFLITE_VARIANTS, TUNE_STRATEGIES, TUNERS,
-    check_choice, check_range, flag_name, option)
+    DATA_SOURCES,
+    INT8_IO_TYPES,
+    LR_SCHEDULES,
+    MODELS_ROOT,
+    STRATEGIES,
+    TFLITE_VARIANTS,
+    TUNE_STRATEGIES,
+    TUNERS,
+    check_choice,
+    check_range,
+    flag_name,
+    option,
+)
 from mnist_keras.config.flags import (  # noqa: F401
-    add_config_flags, config_from_dict, config_from_flags, config_to_dict, preset_config, train_config)
+    add_config_flags,
+    config_from_dict,
+    config_from_flags,
+    config_to_dict,
+    preset_config,
+    train_config,
+)
 from mnist_keras.config.tools import (  # noqa: F401
-    BenchmarkConfig, EvaluateConfig, PredictConfig, ResultsConfig, ServeConfig, parse_seeds)
+    BenchmarkConfig,
+    EvaluateConfig,
+    PredictConfig,
+    ResultsConfig,
+    ServeConfig,
+    parse_seeds,
+)
 from mnist_keras.config.training import ExportConfig, TrainConfig, TuneConfig  # noqa: F401
 from mnist_keras.errors import ConfigError  # noqa: F401

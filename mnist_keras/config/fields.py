@@ -12,8 +12,8 @@ import dataclasses
 import math
 from typing import Any, Callable, Optional, Union
 
-from mnist_keras import archs
 from mnist_keras.errors import ConfigError
+from mnist_keras.models import archs
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 # A search runs trials one after another in one process: multi-worker is not offered.

@@ -12,8 +12,8 @@ import types
 import typing
 from typing import Any, Mapping, Optional
 
-from mnist_keras import archs
 from mnist_keras.config.fields import flag_name, resolve
+from mnist_keras.models import archs
 
 
 def config_to_dict(config: Any) -> dict:

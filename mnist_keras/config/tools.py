@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from mnist_keras import archs
-from mnist_keras.config.fields import (
-    MODELS_ROOT, arch_list_option, arch_option, check_arch, check_choices, check_data_options, check_range,
-    data_dir_option, data_source_option, option, output_dir_option, recipe_list_option)
+from mnist_keras.config.fields import (MODELS_ROOT, arch_list_option, arch_option, check_arch, check_choices,
+    check_data_options, check_range, data_dir_option, data_source_option, option, output_dir_option,
+    recipe_list_option)
 from mnist_keras.errors import ConfigError
+from mnist_keras.models import archs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,12 +5,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from mnist_keras import archs
 from mnist_keras.config.fields import (
-    INT8_IO_TYPES, LR_SCHEDULES, STRATEGIES, TFLITE_VARIANTS, TUNERS, TUNE_STRATEGIES, arch_option, check_arch,
-    check_choice, check_data_options, check_range, data_dir_option, data_source_option, devices_option, option,
-    output_dir_option)
+    INT8_IO_TYPES,
+    LR_SCHEDULES,
+    STRATEGIES,
+    TFLITE_VARIANTS,
+    TUNE_STRATEGIES,
+    TUNERS,
+    arch_option,
+    check_arch,
+    check_choice,
+    check_data_options,
+    check_range,
+    data_dir_option,
+    data_source_option,
+    devices_option,
+    option,
+    output_dir_option,
+)
 from mnist_keras.errors import ConfigError
+from mnist_keras.models import archs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +156,14 @@ class TuneConfig:
                         choices=TUNERS)
     max_trials: int = option(10, "Most trials to run (hyperband may stop earlier).")
     epochs: int = option(3, "Training epochs per trial, and for the retrained winner.")
-    batch_size: int = option(128, "Global batch size (split across all replicas).")
-    lr_schedule: str = option("cosine", "Learning-rate schedule of every trial.", choices=LR_SCHEDULES)
-    warmup_epochs: float = option(0.5, "Epochs of linear learning-rate warmup (cosine schedule only).")
+    # None: as the architecture's training preset has it (train.py --help shows each one's), so that
+    # trials train as the user will, with the preset's augmentation and label smoothing too.
+    batch_size: Optional[int] = option(None, "Global batch size (split across all replicas). "
+                                             "Default: the architecture's training preset.")
+    lr_schedule: Optional[str] = option(None, "Learning-rate schedule of every trial. "
+                                              "Default: the architecture's training preset.", choices=LR_SCHEDULES)
+    warmup_epochs: Optional[float] = option(None, "Epochs of linear learning-rate warmup (cosine schedule only). "
+                                                  "Default: the architecture's training preset.")
     min_units: int = option(16, archs.bounds_help("units", "Smallest width of a tuned dense layer"))
     max_units: int = option(512, "Largest width of a tuned dense layer.")
     min_filters: int = option(4, archs.bounds_help("filters", "Fewest filters of a tuned convolution"))
@@ -175,11 +194,14 @@ class TuneConfig:
         check_choice("tuner", self.tuner, TUNERS)
         check_choice("strategy", self.strategy, TUNE_STRATEGIES)
         check_data_options(self)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.lr_schedule is not None:
+            check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_range("max_trials", self.max_trials, minimum=1)
         check_range("epochs", self.epochs, minimum=1)
-        check_range("batch_size", self.batch_size, minimum=1)
-        check_range("warmup_epochs", self.warmup_epochs, minimum=0.0)
+        if self.batch_size is not None:
+            check_range("batch_size", self.batch_size, minimum=1)
+        if self.warmup_epochs is not None:
+            check_range("warmup_epochs", self.warmup_epochs, minimum=0.0)
         check_range("min_units", self.min_units, minimum=1)
         check_range("max_units", self.max_units, minimum=self.min_units)
         check_range("min_filters", self.min_filters, minimum=1)

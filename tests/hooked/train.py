@@ -34,7 +34,7 @@ def dump_weights(model) -> None:
     if folder:
         import numpy as np
 
-        from mnist_keras import strategy
+        from mnist_keras.training import strategy
 
         os.makedirs(folder, exist_ok=True)
         np.savez(os.path.join(folder, f"worker{strategy.tf_config_task_index() or 0}.npz"), *model.get_weights())
@@ -60,7 +60,7 @@ def install() -> None:
 
     def import_tensorflow_then_hook():
         tf = import_tensorflow()
-        from mnist_keras import train
+        from mnist_keras.training import train
 
         hook_training(train)
         return tf

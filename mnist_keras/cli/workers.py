@@ -1,0 +1,82 @@
+"""`--workers N` from the command line: this same command again, as N local workers (train) or as an
+oracle chief and N tuners (tune), and the one way either reports its failure.
+
+Part of the CLI layer: it prints. The processes are started by launch.py and tune_distributed.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+from mnist_keras import config as config_lib
+from mnist_keras.errors import EXIT_FAILURE
+
+
+def _without_workers_flag(argv: Sequence[str]) -> list[str]:
+    """argv minus `--workers N` / `--workers=N`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    return kept
+
+
+def _worker_command(argv: Optional[Sequence[str]], main: str) -> list[str]:
+    """This same command for the processes a launcher starts; `main` names its entry point in mnist_keras.cli."""
+    if argv is None and sys.argv and os.path.isfile(sys.argv[0]):
+        # The script the user ran (scripts/*.py or the console script), so workers name it in errors.
+        program = [sys.executable, sys.argv[0]]
+    else:
+        program = [sys.executable, "-c", f"import sys; from mnist_keras.cli import {main}; sys.exit({main}())"]
+    if argv is None:
+        argv = sys.argv[1:]
+    # `--workers 1` explicitly: a --config file naming several workers must not make each worker launch more.
+    return [*program, *_without_workers_flag(argv or []), "--workers", "1"]
+
+
+def launch_workers(prog: str, argv: Optional[Sequence[str]], config) -> int:
+    """`train.py --workers N`: run this same command as N local workers (see mnist_keras/training/launch.py)."""
+    from mnist_keras.storage import artifacts
+    from mnist_keras.training import launch
+
+    if os.environ.get("TF_CONFIG"):
+        raise config_lib.ConfigError("--workers starts its own cluster and cannot be used with TF_CONFIG set; "
+                                     "unset TF_CONFIG or drop --workers")
+    run_dir = None
+    if not config.dry_run:
+        # Refused here, before any worker starts; the workers' logs then go into the run folder.
+        run_dir = artifacts.prepare_run_dir(config.output_dir or artifacts.default_run_dir(config.arch),
+                                            overwrite=config.overwrite)
+    result = launch.launch_local(_worker_command(argv, "train_main"), config.workers, run_dir=run_dir)
+    return _report(prog, result)
+
+
+def launch_search(prog: str, argv: Optional[Sequence[str]], tuners: int) -> int:
+    """`tune.py --workers N`: this same command as the oracle chief and N tuners (see tune_distributed.py)."""
+    from mnist_keras.tuning import distributed
+
+    result = distributed.launch_local_search(_worker_command(argv, "tune_main"), tuners)
+    return _report(prog, result, advice="; run the same command again to resume the search")
+
+
+def _report(prog: str, result, advice: str = "") -> int:
+    """The launch's exit status, and on failure one error line, after the last lines of the process that
+    failed (the first process's output is already on the console)."""
+    if result.interrupted is not None:
+        print(f"{prog}: {result.describe_failure()}", file=sys.stderr)
+        return 128 + result.interrupted
+    if result.ok:
+        return 0
+    failed = result.failed_worker
+    if failed != 0 and result.tails[failed]:
+        name = result.names[failed] if result.names else f"worker {failed}"
+        print(f"Last lines of {name}:", file=sys.stderr)
+        print("\n".join(f"[{name}] {line}" for line in result.tails[failed]), file=sys.stderr)
+    print(f"{prog}: error: {result.describe_failure()}{advice}", file=sys.stderr)
+    return EXIT_FAILURE

@@ -1,0 +1,150 @@
+"""Pick a `tf.distribute.Strategy` by name. Always returns a strategy object, never None."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from mnist_keras.config import STRATEGIES, ConfigError, check_choice
+
+logger = logging.getLogger(__name__)
+
+# Seconds one multi-worker collective may wait for its peers before it fails with DeadlineExceeded
+# (0: no limit). Off by default: TensorFlow enforces it with one thread per collective op that sleeps
+# out the whole timeout, so a run's thread count grows with its steps (see mnist_keras/training/watchdog.py).
+DEFAULT_COLLECTIVE_TIMEOUT = 0.0
+
+
+def tf_config_task_index() -> Optional[int]:
+    """This process's worker index in TF_CONFIG (None when TF_CONFIG is unset or names no task)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        index = json.loads(raw).get("task", {}).get("index")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return int(index) if isinstance(index, int) else None
+
+
+def tf_config_worker_count() -> int:
+    """How many workers TF_CONFIG names (0 when it is unset or names none)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"TF_CONFIG is not a JSON object. Received: {raw[:80]!r}") from None
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def configure_logical_cpus(count: int) -> None:
+    """Split the CPU into `count` logical devices (to try mirrored training without GPUs).
+
+    Must run before TensorFlow initialises its devices, i.e. before the first op.
+    """
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
+
+
+def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
+                     collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> tf.distribute.Strategy:
+    """The strategy called `name`.
+
+    auto: multi_worker when TF_CONFIG names more than one worker, mirrored over
+    all GPUs when more than one is visible, else the default strategy.
+
+    A multi-worker run must not hang when a peer dies: TensorFlow's coordination
+    service (which MultiWorkerMirroredStrategy starts, with heartbeats) aborts
+    collectives when a peer's process stops answering. A peer that is alive but
+    stuck is bounded by the training loop's watchdog (`watchdog.StepWatchdog`),
+    not here. `collective_timeout` (seconds, 0 = none) fails any single
+    all-reduce that waits longer, at the cost of one parked thread per
+    collective for the whole timeout.
+    """
+    devices = list(devices)
+    check_choice("strategy", name, STRATEGIES)
+    if name == "auto":
+        if tf_config_worker_count() > 1:
+            name = "multi_worker"
+        elif devices:
+            name = "mirrored" if len(devices) > 1 else "one_device"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    if name == "multi_worker":
+        if devices:
+            raise ConfigError("--devices cannot be combined with --strategy multi_worker "
+                             "(each worker uses its local GPUs, or its CPU)")
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout if collective_timeout > 0 else None)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    elif name == "mirrored":
+        _check_devices(devices)
+        strategy = tf.distribute.MirroredStrategy(devices or None)
+    elif name == "one_device":
+        _check_devices(devices)
+        if len(devices) > 1:
+            raise ConfigError(f"--strategy one_device takes one device. Received: --devices {','.join(devices)}")
+        gpus = tf.config.list_logical_devices("GPU")
+        strategy = tf.distribute.OneDeviceStrategy(devices[0] if devices else ("/gpu:0" if gpus else "/cpu:0"))
+    else:
+        if devices:
+            raise ConfigError("--devices needs --strategy one_device or mirrored")
+        strategy = tf.distribute.get_strategy()
+    logger.info("Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _check_devices(devices: Sequence[str]) -> None:
+    def key(name: str) -> tuple:
+        spec = tf.DeviceSpec.from_string(name)
+        return ((spec.device_type or "").upper(), spec.device_index or 0)
+
+    visible = tf.config.list_logical_devices()
+    known = {key(d.name) for d in visible}
+    for device in devices:
+        if key(device) not in known:
+            names = ", ".join(sorted(d.name for d in visible)) or "none"
+            raise ConfigError(f"--devices: {device} is not a visible device (visible: {names})")
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """A short name for logs and metrics.json."""
+    return {
+        "_DefaultDistributionStrategy": "default",
+        "OneDeviceStrategy": "one_device",
+        "MirroredStrategy": "mirrored",
+        "MultiWorkerMirroredStrategy": "multi_worker",
+        "CollectiveAllReduceStrategy": "multi_worker",
+    }.get(type(strategy).__name__, type(strategy).__name__)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the worker that writes results (the only worker outside multi-worker runs)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0
+                                    and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> Optional[int]:
+    """This process's worker index in a multi-worker run (None outside one)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return None
+    return int(resolver.task_id)
+
+
+def mixed_precision_policy() -> str:
+    """Keras' mixed-precision policy for this machine: mixed_float16 on GPUs (tensor cores),
+    mixed_bfloat16 on CPUs (float16 has no fast CPU kernels; bfloat16 needs no loss scaling)."""
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
