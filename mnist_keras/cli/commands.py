@@ -52,7 +52,7 @@ the test set is used once, on the winner retrained on train+validation.
 Re-running the same command resumes an unfinished search. --workers N trains N
 trials at a time in N tuner processes, served by an oracle chief process; the same
 command runs across machines with keras-tuner's KERASTUNER_TUNER_ID (chief, tuner0,
-...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set (README: "Searching across
+...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set (docs/tuning.md: "Searching across
 machines")."""
 
 

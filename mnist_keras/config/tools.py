@@ -166,5 +166,5 @@ class ServeConfig:
         check_arch(self)
         check_range("port", self.port, minimum=0, maximum=65535)
         check_range("top_k", self.top_k, minimum=1, maximum=10)
-        # The server's memory budget (README, "Security") grows with this; 20 MB is a large photo.
+        # The server's memory budget (docs/web-app.md, "Security") grows with this; 20 MB is a large photo.
         check_range("max_upload_bytes", self.max_upload_bytes, minimum=1024, maximum=20_000_000)

@@ -292,7 +292,7 @@ def collect_runs(models_dir: os.PathLike | str) -> list[dict]:
 
 
 def comparison_markdown(rows: Sequence[dict]) -> str:
-    """The comparison table (the README's results table is copied from it)."""
+    """The comparison table (docs/results.md's tables are copied from it)."""
     def optional(value, text):
         return text.format(value) if value is not None else "-"
 

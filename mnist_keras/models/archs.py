@@ -226,10 +226,10 @@ def search_space_help() -> str:
 # ---------------------------------------------------------------------------
 # The three architectures. Preset and recipe figures: test accuracy on the real MNIST after
 # `scripts/train.py --arch A --seed N` with the values named, measured 2026-11-26 on 2 cores (AMD
-# EPYC, AVX-512, TF 2.21) in untimed sweeps on a loaded machine; the README's results table is the
+# EPYC, AVX-512, TF 2.21) in untimed sweeps on a loaded machine; docs/results.md's table is the
 # timed run.
 # On another instruction set a seed can end up to about 0.1 point away (measured
-# between AVX2 and AVX-512; see README), hence the margins above the floors the
+# between AVX2 and AVX-512; see docs/results.md), hence the margins above the floors the
 # slow tests assert (mlp 98.2%, mlp_small 97.9%, cnn 99.3%).
 # ---------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ register(_mlp("mlp", (120, 84), parameters=105_214, learning_rate=1e-3))
 register(_mlp("mlp_small", (50, 50), parameters=42_310, learning_rate=1e-2))
 
 # CNN: the old 8-epoch recipe without augmentation ended at .9912 .9917 .9921 (seeds 1-3), on the
-# 99.2% line. The preset stays within 2x its training time (12 vs 8 epochs; README has the times).
+# 99.2% line. The preset stays within 2x its training time (12 vs 8 epochs; docs/results.md has the times).
 register(ArchSpec(
     name="cnn",
     summary="conv 10@5x5, pool 2x2, conv 20@5x5, pool 2x2, dense 50, dense 10; ReLU",
