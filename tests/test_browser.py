@@ -105,9 +105,8 @@ def draw(page, image: np.ndarray) -> None:
 
 def read_answer(page, timeout: float = 30.0) -> str:
     """The digit the page shows once every request it sent is answered."""
-    page.wait_for_timeout(500)  # the last stroke's canvas is encoded (toBlob) and sent
-    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('Answer')",
-                           timeout=timeout * 1000)
+    page.wait_for_function("() => document.body.dataset.pending === '0'", timeout=timeout * 1000)
+    assert page.locator("#status").inner_text().startswith("Answer"), page.locator("#status").inner_text()
     return page.locator("#answer").inner_text().strip()
 
 
@@ -154,4 +153,20 @@ def test_choosing_a_photo_and_bad_files(app_url, browser, real_mnist, artifacts_
             assert time.monotonic() < deadline, page.locator("#status").inner_text()
             page.wait_for_timeout(100)
     page.screenshot(path=str(artifacts_dir / "photo.png"))
+    page.close()
+
+
+def test_a_seven_drawn_in_one_stroke_and_the_screenshot(app_url, browser, artifacts_dir):
+    """One pen stroke, as a person draws a 7; the screenshot is the one in docs/web-app.md."""
+    page, _ = open_page(browser, app_url)
+    box = page.locator("#canvas").bounding_box()
+    scale = box["width"] / 280
+    points = [(85, 70), (200, 68), (175, 120), (145, 175), (128, 225)]
+    page.mouse.move(box["x"] + points[0][0] * scale, box["y"] + points[0][1] * scale)
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(box["x"] + x * scale, box["y"] + y * scale, steps=8)
+    page.mouse.up()
+    assert read_answer(page) == "7"
+    page.screenshot(path=str(artifacts_dir / "page.png"))
     page.close()

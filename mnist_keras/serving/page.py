@@ -76,6 +76,12 @@ const photo = document.getElementById("photo");
 const EMPTY = statusLine.textContent;
 let last = null;
 let asked = 0;  // requests sent; an answer older than the latest is dropped
+let pending = 0;  // requests not answered yet (document.body.dataset.pending: for tests and tools)
+
+function track(change) {
+  pending += change;
+  document.body.dataset.pending = String(pending);
+}
 
 function clearCanvas() {
   context.fillStyle = "#fff";
@@ -110,8 +116,7 @@ function show(status, digit, top) {
   }));
 }
 
-async function classify(blob) {
-  const mine = ++asked;
+async function classify(blob, mine) {
   statusLine.textContent = "Asking the model...";
   try {
     const response = await fetch("/classify", {method: "POST", body: blob,
@@ -126,6 +131,8 @@ async function classify(blob) {
     }
   } catch (error) {
     if (mine === asked) show("The server did not answer: " + error, "", []);
+  } finally {
+    track(-1);
   }
 }
 
@@ -141,12 +148,18 @@ canvas.addEventListener("pointermove", function (event) {
 function endStroke() {
   if (last === null) return;
   last = null;
-  canvas.toBlob(classify, "image/png");
+  asked++;
+  track(1);
+  const mine = asked;
+  canvas.toBlob(function (blob) { classify(blob, mine); }, "image/png");
 }
 canvas.addEventListener("pointerup", endStroke);
 canvas.addEventListener("pointercancel", endStroke);
 photo.addEventListener("change", function () {
-  if (photo.files.length) classify(photo.files[0]);
+  if (!photo.files.length) return;
+  asked++;
+  track(1);
+  classify(photo.files[0], asked);
 });
 document.getElementById("clear").addEventListener("click", function () {
   asked++;
@@ -155,6 +168,7 @@ document.getElementById("clear").addEventListener("click", function () {
   show(EMPTY, "", []);
 });
 clearCanvas();
+track(0);
 """
 
 
