@@ -144,9 +144,9 @@ def save_keras_model(model, path: os.PathLike | str) -> Path:
     return write_atomically(path, model.save)
 
 
-# Set for the children of a process holding a folder's lock (the local launcher's workers): the folder
-# they may write without locking it themselves.
-LOCK_ENV = "MNIST_KERAS_LOCKED_FOLDER"
+# Set for the children of a process holding folders' locks (the local launcher's workers, the commands a
+# test starts): the folders they may write without locking them themselves (os.pathsep between them).
+LOCK_ENV = "MNIST_KERAS_LOCKED_FOLDERS"
 _held_locks: dict = {}  # resolved folder -> file descriptor, held until the process ends
 
 
@@ -158,7 +158,7 @@ def lock_folder(folder: os.PathLike | str, holder: str = "a running job") -> Non
     write the folder without the lock.
     """
     resolved = str(Path(folder).resolve())
-    if resolved in _held_locks or os.environ.get(LOCK_ENV) == resolved:
+    if resolved in _held_locks or resolved in os.environ.get(LOCK_ENV, "").split(os.pathsep):
         return
     descriptor = os.open(resolved, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -168,7 +168,7 @@ def lock_folder(folder: os.PathLike | str, holder: str = "a running job") -> Non
         raise OutputExistsError(f"{folder}: in use by {holder} (another process holds it); wait for it to "
                                 "finish or choose another --output-dir") from None
     _held_locks[resolved] = descriptor
-    os.environ[LOCK_ENV] = resolved  # inherited by the workers this process starts
+    os.environ[LOCK_ENV] = os.pathsep.join(_held_locks)  # inherited by the processes this one starts
 
 
 def release_folder(folder: os.PathLike | str) -> None:
@@ -176,5 +176,4 @@ def release_folder(folder: os.PathLike | str) -> None:
     descriptor = _held_locks.pop(str(Path(folder).resolve()), None)
     if descriptor is not None:
         os.close(descriptor)
-        if os.environ.get(LOCK_ENV) == str(Path(folder).resolve()):
-            del os.environ[LOCK_ENV]
+        os.environ[LOCK_ENV] = os.pathsep.join(_held_locks)
