@@ -69,8 +69,8 @@ def test_every_common_mode_and_size_up_to_the_cap_is_accepted_and_shrunk():
     from mnist_keras.evaluation import predict
     from mnist_keras.serving import classifier
 
-    array = np.full((1500, 1300), 255, np.uint8)
-    array[300:1200, 600:720] = 0  # a dark "1"
+    array = np.full((1100, 1030), 255, np.uint8)  # just over WORK_SIDE: shrunk
+    array[200:900, 470:560] = 0  # a dark "1"
     original = Image.fromarray(array)
     expected = predict.preprocess_image(original)
     images = {mode: original.convert(mode) for mode in ("1", "P", "I", "CMYK", "LA", "RGBA", "RGB")}

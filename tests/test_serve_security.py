@@ -136,7 +136,7 @@ def server(private_tempdir):
     from mnist_keras.serving import app as app_lib
 
     app = app_lib.build_app(StandInModel(), ServeConfig(port=0, allowed_hosts=("digits.example",)))
-    running = app_lib.start_server(app, port=0, header_timeout=1.5, request_timeout=3.0)
+    running = app_lib.start_server(app, port=0, header_timeout=1.0, request_timeout=2.0)
     yield running
     running.stop()
 
@@ -318,7 +318,8 @@ def test_small_images_never_queue_behind_large_ones(gate):
 
     state, release = gate
     classifier = classifier_lib.DigitClassifier(StandInModel())
-    large = [classifier.submit_bytes(digit_png(2048), MAX_UPLOAD) for _ in range(2 * classifier_lib.DECODE_SLOTS)]
+    image = digit_png(1100)
+    large = [classifier.submit_bytes(image, MAX_UPLOAD) for _ in range(2 * classifier_lib.DECODE_SLOTS)]
     release["small"].set()
     small = classifier.submit_bytes(digit_png(), MAX_UPLOAD)
     assert small.result(timeout=10).top[0][0] == 7
@@ -332,7 +333,7 @@ def test_decode_slots_per_lane_are_exactly_as_stated(gate):
 
     state, release = gate
     classifier = classifier_lib.DigitClassifier(StandInModel())
-    jobs = [classifier.submit_bytes(image, MAX_UPLOAD) for image in [digit_png(2048), digit_png()] * 6]
+    jobs = [classifier.submit_bytes(image, MAX_UPLOAD) for image in [digit_png(1100), digit_png()] * 6]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and state["active"] != {"small": 2, "large": 2}:
         time.sleep(0.05)
@@ -381,8 +382,9 @@ def test_requests_over_the_in_flight_caps_get_503(url, gate, monkeypatch):
 def test_decoding_runs_off_the_event_loop(url, gate):
     """16 uploads held inside their decode (both lanes full, more queued): the page still answers at once."""
     state, release = gate
+    large, small = digit_png(1100), digit_png()
     with ThreadPoolExecutor(16) as pool:
-        held = [pool.submit(classify, url, digit_png(2048 if i % 2 else 56)) for i in range(16)]
+        held = [pool.submit(classify, url, large if i % 2 else small) for i in range(16)]
         deadline = time.monotonic() + 10
         while state["active"] != {"small": 2, "large": 2} and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -438,7 +440,7 @@ def _server_has_connection(server, sock: socket.socket) -> bool:
 
 
 def test_slow_clients_are_closed_by_the_deadlines(server, url):
-    """Header deadline 1.5 s, request deadline 3 s in this module's server: every slow client is gone by 6 s."""
+    """Header deadline 1 s, request deadline 2 s in this module's server: every slow client is gone by 5 s."""
     port = port_of(url)
     slow_headers = socket.create_connection(("127.0.0.1", port))
     slow_headers.sendall(b"GET / HTTP/1.1\r\n")
@@ -448,7 +450,7 @@ def test_slow_clients_are_closed_by_the_deadlines(server, url):
     not_reading.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # 4,000 requests sent at once, no answer read: the server's output backs up and its writes stall.
     not_reading.sendall(b"GET /app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 4000)
-    time.sleep(2.0)
+    time.sleep(1.0)
     started = time.monotonic()
     try:
         for sock in (slow_headers, slow_body):
@@ -458,8 +460,8 @@ def test_slow_clients_are_closed_by_the_deadlines(server, url):
                 except OSError:
                     break
                 time.sleep(0.3)
-            assert _wait_closed(sock, 6.0 - (time.monotonic() - started)), "a slow client kept its connection"
-        while _server_has_connection(server, not_reading) and time.monotonic() - started < 8.0:
+            assert _wait_closed(sock, 5.0 - (time.monotonic() - started)), "a slow client kept its connection"
+        while _server_has_connection(server, not_reading) and time.monotonic() - started < 6.0:
             time.sleep(0.1)  # (reading here would drain the server's output and let it finish)
         assert not _server_has_connection(server, not_reading), "a client that does not read kept its connection"
     finally:
