@@ -266,6 +266,33 @@ def test_oversize_and_bomb_images_are_refused_from_their_header(url):
     assert status == 413 and "too large" in answer["error"]
 
 
+def _status_of_raw_request(url: str, head: bytes, chunks=()) -> int:
+    sock = socket.create_connection(("127.0.0.1", port_of(url)), timeout=10)
+    try:
+        sock.sendall(head)
+        for chunk in chunks:
+            sock.sendall(chunk)
+        answer = sock.recv(65536)
+    except (ConnectionResetError, BrokenPipeError):
+        return 0
+    finally:
+        sock.close()
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_oversized_bodies_get_413_declared_or_streamed(url):
+    host = f"Host: 127.0.0.1:{port_of(url)}\r\n"
+    declared = f"POST /classify HTTP/1.1\r\n{host}Content-Length: {10 * MAX_UPLOAD}\r\n\r\n".encode()
+    assert _status_of_raw_request(url, declared) == 413
+    malformed = f"POST /classify HTTP/1.1\r\n{host}Content-Length: 12abc\r\n\r\n".encode()
+    assert _status_of_raw_request(url, malformed) in (400, 413)
+    chunked = f"POST /classify HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n".encode()
+    piece = b"x" * 500_000
+    chunks = [f"{len(piece):x}\r\n".encode() + piece + b"\r\n" for _ in range(6)]
+    assert _status_of_raw_request(url, chunked, chunks) == 413
+    assert page_seconds(url) < 2.0  # and it keeps serving
+
+
 def test_a_chunk_flood_is_refused_at_a_fixed_cost(url):
     started = time.monotonic()
     status, answer = classify(url, chunk_flood_png())
