@@ -208,7 +208,7 @@ def evaluate(config, call: Call) -> int:
 
 
 def predict(config, call: Call) -> int:
-    """Classify your own digit images (PNG/JPEG/BMP files or folders of them), preprocessed the way MNIST was
+    """Classify your own digit images (PNG/JPEG/BMP/GIF/WebP files or folders of them), preprocessed the way MNIST was
     made. Exit status 1 if any file failed, 2 for bad flags or a missing model."""
     import json
 
