@@ -233,7 +233,7 @@ def test_no_outbound_connection_for_any_client_input(url):
     watching = threading.Event()
 
     def hook(event, args):
-        if watching.is_set() and event in ("socket.connect", "socket.getaddrinfo"):
+        if event in ("socket.connect", "socket.getaddrinfo") and watching.is_set():
             port = args[1][1] if event == "socket.connect" else args[1]
             if port != server_port:
                 seen.append((event, args[1:]))
