@@ -81,7 +81,8 @@ def test_every_common_mode_and_size_up_to_the_cap_is_accepted_and_shrunk():
         decoded = classifier.decode_image(_encoded(image, format), 2_000_000)
         assert max(decoded.size) <= classifier.WORK_SIDE, mode
         seen = predict.preprocess_image(decoded)
-        assert np.corrcoef(seen.ravel(), expected.ravel())[0, 1] > 0.97, mode
+        lossy = format == "JPEG"  # JPEG's ringing around the stroke
+        assert np.corrcoef(seen.ravel(), expected.ravel())[0, 1] > (0.9 if lossy else 0.97), mode
 
 
 def test_declared_size_reads_headers_of_each_format():

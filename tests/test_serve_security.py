@@ -437,7 +437,9 @@ def _wait_closed(sock: socket.socket, seconds: float) -> bool:
         return False
 
 
-def test_200_idle_or_slow_connections_leave_a_normal_request_answered(url):
+def test_200_idle_or_slow_connections_leave_a_normal_request_answered(server, url, caplog):
+    from mnist_keras.serving import limits
+
     port = port_of(url)
     head = f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n\r\n".encode()
     sockets = []
@@ -454,11 +456,17 @@ def test_200_idle_or_slow_connections_leave_a_normal_request_answered(url):
             sockets.append(sock)
         assert page_seconds(url) < 2.0
         started = time.monotonic()
-        assert classify(url, digit_png(), timeout=5)[0] == 200
+        status, answer = classify(url, digit_png(), timeout=5)
+        assert status == 200, answer
         assert time.monotonic() - started < 2.0
+        open_now = len(server.server.server_state.connections)
+        assert open_now <= limits.MAX_CONNECTIONS_PER_CLIENT, f"{open_now} connections open from one client"
     finally:
         for sock in sockets:
             sock.close()
+    time.sleep(0.3)  # the server sees the half-sent bodies go
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert errors == [], errors[:3]  # a client leaving is no error of the app's
 
 
 def _server_has_connection(server, sock: socket.socket) -> bool:

@@ -122,11 +122,16 @@ class ClassifyEndpoint:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return f"upload too large: at most {self.max_bytes} bytes. Received: {declared} bytes"
+        from starlette.requests import ClientDisconnect
+
         payload = bytearray()
-        async for chunk in request.stream():  # also caps bodies sent without a Content-Length
-            payload += chunk
-            if len(payload) > limit:
-                return f"upload too large: at most {self.max_bytes} bytes"
+        try:
+            async for chunk in request.stream():  # also caps bodies sent without a Content-Length
+                payload += chunk
+                if len(payload) > limit:
+                    return f"upload too large: at most {self.max_bytes} bytes"
+        except ClientDisconnect:  # the client left (or was closed for room): nobody to answer
+            return "the client disconnected"
         return bytes(payload)
 
 

@@ -152,11 +152,14 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS, header_timeout: flo
             super().connection_made(transport)
             self._opened = time.monotonic()
             self._arm(header_timeout)
-            mine = [c for c in self.connections if c.client and self.client and c.client[0] == self.client[0]]
+            # Connections already closing still count until their connection_lost runs: skip them, or a burst
+            # of new connections would all pick the same victim and none would be closed.
+            live = [c for c in self.connections if not c.transport.is_closing()]
+            mine = [c for c in live if c.client and self.client and c.client[0] == self.client[0]]
             if len(mine) > max_per_client:
                 self._make_room(mine)
-            elif len(self.connections) > max_connections:
-                self._make_room(list(self.connections))
+            elif len(live) > max_connections:
+                self._make_room(live)
 
         def _make_room(self, candidates: list) -> None:
             evictable = [c for c in candidates if c is not self and getattr(c, "_evictable", lambda: False)()]
