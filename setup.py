@@ -8,14 +8,14 @@ EXTRAS = {
     # (keras-tuner's own dependency) is imported directly by the distributed search (tune_distributed).
     "tune": ["keras-tuner>=1.4.8,<1.5", "scipy>=1.11", "scikit-learn>=1.3", "grpcio>=1.60"],
     # The draw-a-digit web app (scripts/serve.py).
-    "serve": ["gradio>=6.31,<6.32"],
+    "serve": ["starlette>=0.40", "uvicorn>=0.30"],
     # --data-source tfds: MNIST through tensorflow-datasets (it pulls pyarrow and more, ~220 MB).
     "tfds": ["tensorflow-datasets>=4.9"],
     # Training on NVIDIA GPUs: TensorFlow with its CUDA libraries (Linux). CI runs on CPU only.
     "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     # Its browser test also needs Playwright and a Chromium: Debian's `chromium`
     # package (.ci/run installs it with apt-get; Playwright's own download is not used).
-    "browser": ["gradio>=6.31,<6.32", "playwright>=1.65"],
+    "browser": ["starlette>=0.40", "uvicorn>=0.30", "playwright>=1.65"],
 }
 # Everything but the GPU build: CI and the tests run on CPU.
 EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items() if name != "gpu"

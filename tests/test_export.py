@@ -119,7 +119,7 @@ def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_mod
     replaced = exporter.export_model(dataclasses.replace(config, overwrite=True), tiny_model_path, folder,
                                    data=tiny_mnist)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "export.json", "export_config.json", "model_int8.tflite", "saved_model"]
+        exporter.EXPORT_MARKER, "export.json", "export_config.json", "model_int8.tflite", "saved_model"]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["export", "model.keras"]
     record = replaced.artifacts["tflite_int8"]
     assert record["input"]["dtype"] == "uint8" and record["output"]["dtype"] == "uint8"

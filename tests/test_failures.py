@@ -147,10 +147,10 @@ def test_tune_without_keras_tuner(monkeypatch, capsys):
     assert_one_line(capsys, status, 2, "keras_tuner", "install it with pip install -e .[tune]")
 
 
-def test_serve_without_gradio(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "gradio", None)
+def test_serve_without_uvicorn(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
     status = cli.serve_main(["--port", "0"])
-    assert_one_line(capsys, status, 2, "gradio", "install it with pip install -e .[serve]")
+    assert_one_line(capsys, status, 2, "uvicorn", "install it with pip install -e .[serve]")
 
 
 # -- unexpected errors ---------------------------------------------------------------------------

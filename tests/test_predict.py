@@ -230,3 +230,87 @@ def test_cli_no_images_is_a_usage_error(capsys):
     assert predict_main([]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "the following arguments are required: IMAGE" in lines[0]
+
+
+# -- photos as people take them -----------------------------------------------------------------------
+
+
+def upright_digit(size=(600, 800)) -> Image.Image:
+    """A dark, asymmetric '7' on white paper: any rotation or mirror changes its model input."""
+    image = Image.new("L", size, 255)
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    draw.line([(width * 0.2, height * 0.2), (width * 0.8, height * 0.2), (width * 0.4, height * 0.85)],
+              fill=0, width=width // 12)
+    return image
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_a_photo_with_exif_orientation_6_classifies_like_the_upright_original(tmp_path, untrained_model_file):
+    from mnist_keras.export import runtimes
+
+    upright = upright_digit()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the camera was held on its side
+    path = tmp_path / "phone.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).convert("RGB").save(path, quality=92, exif=exif)
+    expected = predict.preprocess_image(upright)
+    seen = predict.preprocess_image(predict.load_image(path))
+    assert correlation(seen, expected) > 0.95
+    assert correlation(predict.preprocess_image(Image.open(path)), expected) < 0.5  # the file as stored
+    model = runtimes.load_model(untrained_model_file)
+    np.testing.assert_allclose(model.predict(seen[None]), model.predict(expected[None]), atol=0.02)
+
+
+def test_a_16_bit_3000x3000_scan_classifies_like_the_8_bit_original(tmp_path, untrained_model_file):
+    from mnist_keras.export import runtimes
+
+    original = upright_digit((3000, 3000))
+    path = tmp_path / "scan16.png"
+    Image.fromarray(np.asarray(original, np.uint16) * 257).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    expected = predict.preprocess_image(original)
+    seen = predict.preprocess_image(predict.load_image(path))
+    assert correlation(seen, expected) > 0.99
+    # The web app's decoder (the same one, shrinking on the way in) takes it too.
+    from mnist_keras.serving import classifier
+
+    served = predict.preprocess_image(classifier.decode_image(path.read_bytes(), 2_000_000))
+    assert correlation(served, expected) > 0.99
+    model = runtimes.load_model(untrained_model_file)
+    np.testing.assert_allclose(model.predict(seen[None]), model.predict(expected[None]), atol=0.02)
+
+
+def test_an_eps_file_named_png_is_refused_in_one_line(tmp_path, untrained_model_file, capsys, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("the EPS decoder was reached")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    path = tmp_path / "digit.png"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n"
+                    "newpath 14 4 moveto 14 24 lineto stroke\nshowpage\n%%EOF\n")
+    status = predict_main([str(path), "--model", str(untrained_model_file)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert status == 1 and len(errors) == 1, err
+    assert "digit.png" in errors[0] and "not a readable image" in errors[0] and "PNG, JPEG" in errors[0]
+
+
+def test_file_names_with_escapes_and_newlines_are_printed_escaped(tmp_path, untrained_model_file, capsys):
+    good = tmp_path / "seven\x1b[2J\x1b[31mred\nline.png"
+    upright_digit((60, 80)).save(good, format="PNG")
+    bad = tmp_path / "bad\x1b]0;title\x07\r.png"
+    bad.write_bytes(b"not an image")
+    status = predict_main([str(good), str(bad), "--model", str(untrained_model_file)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert "\x1b" not in out + err and "\x07" not in out + err and "\r" not in out + err
+    (printed,) = out.strip().splitlines()
+    assert printed.startswith(str(tmp_path / "seven\\x1b[2J\\x1b[31mred\\nline.png") + ": ")
+    (error,) = [line for line in err.splitlines() if "error:" in line]
+    assert "bad\\x1b]0;title\\x07\\r.png" in error

@@ -157,3 +157,169 @@ def test_leftovers_of_killed_jobs_are_removed_or_put_back(tmp_path, caplog):
     assert (tmp_path / "evaluation" / "evaluation.json").read_text() == "{}"
     assert running.is_dir() and unknown.is_dir()
     assert any(str(unknown) in record.getMessage() and record.levelname == "WARNING" for record in caplog.records)
+
+
+# -- search and export folders: a marker of their own; --overwrite removes only what the job wrote ------
+
+
+def test_tune_overwrite_keeps_a_users_config_json_and_best_folder(tmp_path, capsys):
+    from tests.helpers import make_folder
+
+    folder = tmp_path / "mine"
+    (folder / "best").mkdir(parents=True)
+    (folder / "config.json").write_text('{"mine": true}')
+    (folder / "best" / "notes.txt").write_text("my best model notes")
+    before = contents(folder)
+    make_folder(tmp_path / "data", train=40)
+    status = cli.tune_main(["--arch", "mlp_small", "--max-trials", "1", "--epochs", "1", "--data-dir",
+                            str(tmp_path / "data"), "--output-dir", str(folder), "--overwrite", "--verbose", "0"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "not a search folder" in lines[0], lines
+    assert contents(folder) == before
+
+
+def test_export_overwrite_keeps_the_users_files_in_the_export_folder(tmp_path):
+    """folders.building with a marker: what the previous job listed is replaced, the rest stays."""
+    target = tmp_path / "export"
+    for round_ in (1, 2):
+        with folders.building(target, ".marker", "done.json") as staging:
+            (staging / "model.bin").write_text(f"model {round_}")
+            (staging / f"only_in_{round_}.bin").write_text("x")
+            (staging / "done.json").write_text("{}")
+        if round_ == 1:
+            (target / "my_notes.txt").write_text("mine")
+            (target / "model_fp16.tflite").write_text("my own conversion")
+    assert (target / "my_notes.txt").read_text() == "mine"
+    assert (target / "model_fp16.tflite").read_text() == "my own conversion"
+    assert (target / "model.bin").read_text() == "model 2"
+    assert not (target / "only_in_1.bin").exists() and (target / "only_in_2.bin").exists()
+    listed = (target / ".marker").read_text().splitlines()[1:]
+    assert listed == ["done.json", "model.bin", "only_in_2.bin"]
+
+
+@pytest.mark.slow  # two real exports (SavedModel only)
+def test_export_overwrite_keeps_the_users_files_end_to_end(tiny_mnist, tmp_path):
+    from mnist_keras.config import ExportConfig
+    from mnist_keras.export import exporter
+    from mnist_keras.models import builders
+
+    model_path = artifacts.save_keras_model(builders.build_model("mlp_small"), tmp_path / "model.keras")
+    folder = tmp_path / "export"
+    config = ExportConfig(tflite=(), verbose=0)
+    exporter.export_model(config, model_path, folder, data=tiny_mnist)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "saved_model_mine").mkdir()
+    exporter.export_model(ExportConfig(tflite=(), overwrite=True, verbose=0), model_path, folder, data=tiny_mnist)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "saved_model_mine").is_dir()
+    assert (folder / "export.json").is_file() and (folder / "saved_model").is_dir()
+    (folder / exporter.EXPORT_MARKER).unlink()  # an export.json alone does not make a folder an export's
+    with pytest.raises(artifacts.OutputExistsError, match="not an export folder"):
+        exporter.export_model(ExportConfig(tflite=(), overwrite=True, verbose=0), model_path, folder, data=tiny_mnist)
+
+
+# -- a run folder in use is refused (a lock held for the run's life) --------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from mnist_keras.storage import artifacts
+artifacts.prepare_run_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _holder(folder):
+    from tests.helpers import env_with
+
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True,
+                               env=env_with())
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_run_folder_in_use_is_refused_and_free_once_its_run_is_gone(tmp_path):
+    folder = tmp_path / "run"
+    holder = _holder(folder)
+    try:
+        with pytest.raises(artifacts.OutputExistsError, match="in use by a running train.py"):
+            artifacts.prepare_run_dir(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert artifacts.prepare_run_dir(folder) == folder  # the kernel dropped the dead run's lock
+    artifacts.release_folder(folder)
+
+
+def test_the_launchers_workers_may_write_the_folder_it_holds(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    holder = _holder(folder)
+    try:
+        monkeypatch.setenv(artifacts.LOCK_ENV, str(folder.resolve()))  # what the launcher's workers inherit
+        assert artifacts.prepare_run_dir(folder) == folder
+        monkeypatch.setenv(artifacts.LOCK_ENV, str((tmp_path / "other").resolve()))
+        with pytest.raises(artifacts.OutputExistsError, match="in use"):
+            artifacts.prepare_run_dir(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow  # two train.py processes, each paying a TensorFlow import
+def test_two_train_runs_into_one_new_folder_one_runs_the_other_exits_2(tmp_path):
+    from tests.helpers import TRAIN, env_with, make_folder
+
+    make_folder(tmp_path / "data", train=400, test=50)
+    folder = tmp_path / "run"
+    command = [sys.executable, TRAIN, "--arch", "mlp_small", "--epochs", "3", "--batch-size", "16",
+               "--validation-size", "50", "--data-dir", str(tmp_path / "data"), "--output-dir", str(folder),
+               "--verbose", "0"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with())
+                 for _ in range(2)]
+    results = [(process.wait(timeout=300), *process.communicate()) for process in processes]
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [0, 2], results
+    _, _, refused_err = next(result for result in results if result[0] == 2)
+    lines = [line for line in refused_err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "in use" in lines[0] and str(folder) in lines[0], refused_err
+    assert artifacts.is_finished_run(folder)
+
+
+# -- symbolic links and IDX sizes: one line, exit 2 ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop", "dangling_parent"])
+def test_symlinked_output_folders_are_checked_in_one_line(tmp_path, capsys, kind):
+    link = tmp_path / "out"
+    if kind == "loop":
+        link.symlink_to(link)
+    else:
+        link.symlink_to(tmp_path / "missing")
+    target = link / "run" if kind == "dangling_parent" else link
+    status = cli.train_main(["--arch", "mlp_small", "--output-dir", str(target), "--verbose", "0"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "symbolic link" in lines[0] and str(link) in lines[0], lines
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_symlink_to_a_real_folder_is_followed(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "real")
+    assert artifacts.prepare_run_dir(tmp_path / "out") == tmp_path / "out"
+    assert (tmp_path / "real" / artifacts.RUN_MARKER).is_file()
+    artifacts.release_folder(tmp_path / "out")
+
+
+def test_idx_sizes_whose_product_overflows_are_one_line(tmp_path, capsys):
+    import struct
+
+    from mnist_keras.data import sources
+    from tests.helpers import make_folder
+
+    overflowing = bytes([0, 0, 8, 4]) + struct.pack(">4I", 65536, 65536, 65536, 65536) + b"\0" * 100
+    with pytest.raises(sources.DataError, match="need more bytes"):
+        sources.parse_idx(overflowing, "x")
+    make_folder(tmp_path / "data", overrides={"x_train": overflowing})
+    status = cli.train_main(["--arch", "mlp_small", "--data-dir", str(tmp_path / "data"), "--output-dir",
+                             str(tmp_path / "run"), "--verbose", "0"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "train-images" in lines[0] and "need more bytes" in lines[0], lines

@@ -208,7 +208,7 @@ def evaluate(config, call: Call) -> int:
 
 
 def predict(config, call: Call) -> int:
-    """Classify your own digit images (PNG/JPEG/BMP files or folders of them), preprocessed the way MNIST was
+    """Classify your own digit images (PNG/JPEG/BMP/GIF/WebP files or folders of them), preprocessed the way MNIST was
     made. Exit status 1 if any file failed, 2 for bad flags or a missing model."""
     import json
 
@@ -225,7 +225,7 @@ def predict(config, call: Call) -> int:
             call.error(prediction.error)
         elif not config.json:
             ranked = ", ".join(f"{digit} ({probability:.1%})" for digit, probability in prediction.top)
-            print(f"{prediction.path}: {ranked}")
+            print(f"{predict_lib.shown(prediction.path)}: {ranked}")
     return 1 if any(not prediction.ok for prediction in predictions) else 0
 
 
@@ -276,18 +276,20 @@ def results(config, call: Call) -> int:
 def serve(config, call: Call) -> int:
     """Serve a web page to draw a digit and see the model's answer, and a JSON endpoint (POST /classify with an
     image). Listens on 127.0.0.1 unless --host says otherwise."""
-    errors.check_extra("gradio", "serve", "serve.py")
+    errors.check_extra("uvicorn", "serve", "serve.py")
     console.import_tensorflow()
-    errors.import_extra("gradio", "serve", "serve.py")
+    errors.import_extra("starlette", "serve", "serve.py")
 
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # SIGHUP (the terminal closed) stops the server as SIGTERM does: one line, nothing left behind.
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _serve_until_stopped(config)
     except _Terminated:
         print(f"{call.prog}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
@@ -296,20 +298,18 @@ def _serve_until_stopped(config) -> None:
     from mnist_keras.serving import app as serve_lib
     from mnist_keras.storage import artifacts
 
-    # The upload folder goes on every way out: a stop, a signal, or a failed start.
-    with serve_lib.upload_folder():
-        model = runtimes.load_model(config.model or artifacts.default_run_dir(config.arch))
-        try:
-            server = serve_lib.start_server(serve_lib.build_app(model, config), config.host, config.port,
-                                            log_level="info" if config.verbose >= 2 else "warning")
-        except OSError as error:  # start_server's own one-line reasons: the port is taken, or it did not start
-            raise errors.UsageError(errors.first_line(error)) from None
-        print(f"Serving {model.description} at {server.url}/  (JSON: POST {server.url}{serve_lib.ENDPOINT}; "
-              f"Ctrl-C stops)", flush=True)
-        try:
-            server.wait()
-        finally:
-            server.stop()
+    model = runtimes.load_model(config.model or artifacts.default_run_dir(config.arch))
+    try:
+        server = serve_lib.start_server(serve_lib.build_app(model, config), config.host, config.port,
+                                        log_level="info" if config.verbose >= 2 else "warning")
+    except OSError as error:  # start_server's own one-line reasons: the port is taken, or it did not start
+        raise errors.UsageError(errors.first_line(error)) from None
+    print(f"Serving {model.description} at {server.url}/  (JSON: POST {server.url}{serve_lib.ENDPOINT}; "
+          f"Ctrl-C stops)", flush=True)
+    try:
+        server.wait()
+    finally:
+        server.stop()
 
 
 class _Terminated(BaseException):

@@ -128,7 +128,7 @@ class EvaluateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
-    """Classify a user's own digit images (PNG/JPEG/BMP files or folders of them)."""
+    """Classify a user's own digit images (PNG/JPEG/BMP/GIF/WebP files or folders of them)."""
 
     images: tuple = option((), "Image files or folders of them.", metavar="IMAGE")
     arch: str = arch_option("Use the run saved_models/<arch>/ (ignored with --model).")

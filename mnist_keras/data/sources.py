@@ -9,6 +9,7 @@ are imported only by the readers that need them.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zipfile
 import zlib
@@ -64,8 +65,12 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if len(data) < header_size:
         raise DataError(f"{name}: truncated IDX header ({len(data)} bytes, need {header_size})")
     shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64))
     payload = len(data) - header_size
+    # Each size is checked before any product (numpy's int64 product wraps: 65536**4 gave 0), and the
+    # product is Python's, which does not overflow.
+    if 0 not in shape and max(shape) > payload:
+        raise DataError(f"{name}: header sizes {shape} need more bytes than the file's {payload}")
+    expected = math.prod(shape)
     if payload < expected:
         raise DataError(f"{name}: truncated payload ({payload} bytes, header {shape} needs {expected})")
     if payload > expected:

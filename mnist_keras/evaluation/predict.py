@@ -17,14 +17,19 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_keras.constants import IMAGE_SIZE, NUM_CLASSES
 from mnist_keras.errors import first_line
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# Decoders any user file may reach, here and in the web app: Pillow has more (EPS would start Ghostscript),
+# and Image.open tries every one it has unless told; the check is on the decoded format, not the name.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# Modes Image.reduce cannot shrink, and what they become first (16-bit stays 16-bit as 32-bit "I").
+REDUCIBLE_MODE = {"1": "L", "P": "RGBA", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
 FIELD_SIZE = IMAGE_SIZE  # The MNIST image.
 BOX_SIZE = 20  # MNIST scaled every digit to fit 20x20, keeping its aspect ratio.
 # After removing the background, a pixel is ink when it is at least this bright
@@ -43,7 +48,7 @@ class ImageTooLargeError(ValueError):
     """An image whose header declares more pixels than allowed: refused before any pixel is decoded."""
 
 
-def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Sequence[str]] = None,
+def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Sequence[str]] = IMAGE_FORMATS,
                  max_side: Optional[int] = None) -> Image.Image:
     """Decode an image file (a path or a binary file object) with a bound on the memory it may take.
 
@@ -52,10 +57,12 @@ def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Seq
     (`ImageTooLargeError`) without the work. `max_pixels` defaults to Pillow's
     own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, read, never
     changed: it is process-wide). `formats` restricts the decoders Pillow may
-    try. `max_side` shrinks a larger image on the way in: JPEG decodes at a
-    reduced scale (`draft`), any other format is box-reduced right after
-    decoding, so later steps work on at most `max_side` pixels a side.
-    Not an image (or unreadable): a one-line ValueError.
+    try (by default IMAGE_FORMATS). `max_side` shrinks a larger image on the
+    way in: JPEG decodes at a reduced scale (`draft`), any other format is
+    box-reduced right after decoding (1-bit, palette and 16-bit images are
+    converted first), so later steps work on at most `max_side` pixels a side.
+    The EXIF orientation (phone photos) is applied. Not an image (or
+    unreadable): a one-line ValueError.
     """
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
@@ -67,8 +74,8 @@ def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Seq
             if factor > 1:
                 image.draft(image.mode, (max(1, width // factor), max(1, height // factor)))  # JPEG only
             image.load()  # Decode now, so a truncated file fails here and not later.
-            factor = -(-max(image.size) // max_side) if max_side else 1
-            return image.reduce(factor) if factor > 1 else image.copy()
+            orientation = image.getexif().get(ORIENTATION_TAG, 1)
+            return _upright(_shrunk(image, max_side), orientation)
     except ImageTooLargeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -82,17 +89,42 @@ def decode_image(source, max_pixels: Optional[int] = None, formats: Optional[Seq
         raise ValueError(f"not a readable image ({first_line(error)})") from None
 
 
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation": how the camera was held
+
+
+def _shrunk(image: Image.Image, max_side: Optional[int]) -> Image.Image:
+    """A copy of `image` at most `max_side` pixels a side (box-reduced), in a mode the rest can read."""
+    if image.mode in REDUCIBLE_MODE:
+        mode = REDUCIBLE_MODE[image.mode]
+        image = image.convert("RGB" if mode == "RGBA" and "transparency" not in image.info else mode)
+    factor = -(-max(image.size) // max_side) if max_side else 1
+    return image.reduce(factor) if factor > 1 else image.copy()
+
+
+def _upright(image: Image.Image, orientation: int) -> Image.Image:
+    """`image` turned the way the EXIF orientation says it was taken (ImageOps' table)."""
+    if orientation in (None, 1):
+        return image
+    image.getexif()[ORIENTATION_TAG] = orientation
+    return ImageOps.exif_transpose(image)
+
+
+def shown(name: object) -> str:
+    """A file name safe to print on one line: control characters (ANSI escapes, newlines) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))
+
+
 def load_image(path: Union[os.PathLike, str], max_pixels: Optional[int] = None) -> Image.Image:
     """Open and decode an image file (see `decode_image`). Any problem: a one-line ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{shown(path)}: no such file")
     try:
         return decode_image(path, max_pixels)
     except ImageTooLargeError as error:
-        raise ImageTooLargeError(f"{path}: {error}") from None
+        raise ImageTooLargeError(f"{shown(path)}: {error}") from None
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{shown(path)}: {error}") from None
 
 
 def _to_grayscale(image: Union[Image.Image, np.ndarray]) -> np.ndarray:
@@ -234,7 +266,7 @@ def expand_paths(paths: Sequence[Union[os.PathLike, str]]) -> list[tuple[Path, O
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             expanded += [(file, None) for file in found]
             if not found:
-                expanded.append((path, f"{path}: folder holds no PNG/JPEG/BMP files"))
+                expanded.append((path, f"{shown(path)}: folder holds no PNG/JPEG/BMP/GIF/WebP files"))
         else:
             expanded.append((path, None))
     return expanded
@@ -254,7 +286,7 @@ def predict_files(model, paths: Sequence[Union[os.PathLike, str]], top_k: int = 
             prepared[index] = preprocess_image(load_image(path))
         except (ValueError, OSError) as error:
             message = first_line(error)
-            errors[index] = message if message.startswith(str(path)) else f"{path}: {message}"
+            errors[index] = message if message.startswith(shown(path)) else f"{shown(path)}: {message}"
             logger.info(errors[index])  # The caller reports it; a warning would print it twice.
     ranked = dict(zip(prepared, classify(model, list(prepared.values()), top_k))) if prepared else {}
     return [Prediction(path, tuple(ranked[i])) if i in ranked else Prediction(path, error=errors[i])

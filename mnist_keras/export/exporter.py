@@ -46,8 +46,10 @@ logger = logging.getLogger(__name__)
 
 EXPORT_CONFIG_FILE = "export_config.json"
 SAVED_MODEL_DIR = "saved_model"
-# An export folder is ours when it holds export.json, written last: never an unfinished one to resume.
-EXPORT = folders.FolderKind(noun="an export folder", markers=(EXPORT_FILE,), finished=EXPORT_FILE,
+# An export folder is ours when it holds its marker (listing what the export wrote: all --overwrite replaces);
+# finished when it holds export.json, written last: never an unfinished one to resume.
+EXPORT_MARKER = ".mnist_keras_export"
+EXPORT = folders.FolderKind(noun="an export folder", markers=(EXPORT_MARKER,), finished=EXPORT_FILE,
                             holds="an export")
 # Images per representative-dataset step: the calibrator resizes the input to it.
 CALIBRATION_BATCH = 100
@@ -280,7 +282,7 @@ def export_model(
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0, seed=config.seed)
     calibration = calibration_images(config, data)
-    with folders.building(output_dir) as staging:
+    with folders.building(output_dir, EXPORT_MARKER, EXPORT_FILE) as staging:
         keras_record, reference = _keras_record(source, data)
         paths = write_artifacts(source.model, staging, config.tflite, calibration, config.int8_io)
         records = _artifact_records(staging, paths, data, reference, keras_record)

@@ -1,171 +1,120 @@
-"""Draw a digit in the browser: a Gradio page and a JSON endpoint over any model the project writes.
+"""Draw a digit in the browser: a small Starlette app over any model the project writes, served by uvicorn.
 
-`build_app(model, config)` returns one FastAPI app with
-- `/`: a Gradio page (`serve_page`): a sketchpad (mouse or finger), an upload
-  box for a photo of a handwritten digit, the top digits as a label chart, and
-  the 28x28 image the model actually received;
+`build_app(model, config)` returns an ASGI app with four routes and nothing else:
+- `GET /`: the page (`serving.page`): a canvas to draw on, a photo picker, the answer;
+- `GET /app.js`, `GET /app.css`: its script and style;
 - `POST /classify`: image bytes in (the raw body, or a multipart field named
   `image`), `{"digit", "probability", "top": [{"digit", "probability"}, ...]}`
   out; bad input gets a 4xx with `{"error": "..."}` and the app keeps serving.
 
-Both paths go through `serve_classifier.DigitClassifier`, which decodes within
-limits and calls `predict.preprocess_image` and `predict.classify`, the same
-code as `scripts/predict.py`; the model comes from `runtimes.load_model`
-(Keras' safe_mode on). `start_server` runs the app with uvicorn in a
-background thread. Everything stays on this machine: no share links,
-analytics off, no fonts or scripts from a CDN.
-
-What a client can make the server do is bounded (README, "Security"): images
-arrive as bytes only (Gradio's check that a client names no server file runs,
-see `_mount_page`); every image's pixel count is read from its header and
-checked before decoding, and large images are shrunk on the way in; at most
-`DECODE_SLOTS` images are decoded at once and at most `MAX_IN_FLIGHT` requests
-wait for the JSON endpoint (then 503); `serve_limits` adds the Host
-allow-list, a body size cap, read deadlines and a connection cap.
+Nothing a client sends is written to disk (the upload quota is 0 bytes):
+bodies are read into memory under the size cap, and the multipart form is
+split in memory. Nothing a client sends is fetched: the app opens no
+connection of its own. What a client can make the server do is bounded
+(docs/web-app.md, "Security"): `limits.Guard` (Host allow-list, same-origin
+POSTs, body cap) and `limits.guarded_protocol` (deadlines, connection caps)
+in front of every route; `MAX_IN_FLIGHT` requests at once on `/classify`,
+`MAX_IN_FLIGHT_PER_CLIENT` of them from one address, each answered within
+`WORK_TIMEOUT`; images decoded off the event loop in `DigitClassifier`'s lanes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
+import collections
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-# Gradio reads this when it is imported: no usage reports leave the machine.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from mnist_keras.config import ServeConfig  # noqa: E402
-from mnist_keras.evaluation import predict as predict_lib  # noqa: E402
-from mnist_keras.serving import limits  # noqa: E402
-from mnist_keras.serving.classifier import DigitClassifier  # noqa: E402
-from mnist_keras.serving.page import build_blocks  # noqa: E402
+from mnist_keras.config import ServeConfig
+from mnist_keras.evaluation import predict as predict_lib
+from mnist_keras.serving import limits, page
+from mnist_keras.serving.classifier import DigitClassifier
 
 logger = logging.getLogger(__name__)
 
 ENDPOINT = "/classify"
-TEMP_PREFIX = "mnist-keras-serve-"
-# JSON requests admitted at once (reading, waiting or decoding); one more gets 503.
+# /classify requests admitted at once (reading, waiting or decoding); one more gets 503.
 MAX_IN_FLIGHT = 48
+MAX_IN_FLIGHT_PER_CLIENT = 32  # from one client address
+# Seconds a /classify request may wait for its lane and decode; then 503 (the queued job is cancelled).
+WORK_TIMEOUT = 20.0
 # Room for the multipart envelope around an upload of --max-upload-bytes.
 ENVELOPE_BYTES = 64 * 1024
-
-
-@contextlib.contextmanager
-def upload_folder() -> Iterator[str]:
-    """A fresh `mnist-keras-serve-*` temporary folder as GRADIO_TEMP_DIR, removed on the way out.
-
-    Gradio keeps uploads and generated images there; by default that would be
-    the shared /tmp/gradio. A GRADIO_TEMP_DIR the user set is used and kept.
-    """
-    if os.environ.get("GRADIO_TEMP_DIR"):
-        yield os.environ["GRADIO_TEMP_DIR"]
-        return
-    folder = tempfile.mkdtemp(prefix=TEMP_PREFIX)
-    os.environ["GRADIO_TEMP_DIR"] = folder
-    try:
-        yield folder
-    finally:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-        shutil.rmtree(folder, ignore_errors=True)
+MAX_FORM_PARTS = 16
 
 
 def build_app(model, config: ServeConfig) -> Any:
-    """The FastAPI app: the JSON endpoint at `/classify` and the Gradio page at `/`, behind the HTTP limits."""
-    import fastapi
+    """The ASGI app: the page, its two static files and `/classify`, behind `limits.Guard`."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, Response
+    from starlette.routing import Route
 
-    _ensure_upload_folder()
     classifier = DigitClassifier(model, config.top_k)
-    max_bytes = config.max_upload_bytes
-    app = fastapi.FastAPI(title="mnist_keras digit classifier", docs_url=None, redoc_url=None,
-                          openapi_url=None)
-    app.post(ENDPOINT)(_ClassifyEndpoint(classifier, max_bytes).handler())
-    app = _mount_page(app, build_blocks(classifier, getattr(model, "description", ""), max_bytes), max_bytes)
-    return _add_limits(app, config, max_bytes)
+    endpoint = ClassifyEndpoint(classifier, config.max_upload_bytes)
+    page_html = page.page_html(getattr(model, "description", ""))
+
+    def static(body: str, media_type: str):
+        async def serve(request):
+            return Response(body, media_type=media_type, headers=page.HEADERS)
+        return serve
+
+    async def index(request):
+        return HTMLResponse(page_html, headers=page.HEADERS)
+
+    routes = [Route("/", index, methods=["GET", "HEAD"]),
+              Route("/app.js", static(page.APP_JS, "text/javascript"), methods=["GET", "HEAD"]),
+              Route("/app.css", static(page.APP_CSS, "text/css"), methods=["GET", "HEAD"]),
+              Route(ENDPOINT, endpoint.handle, methods=["POST"])]
+    app = Starlette(routes=routes)
+    app.state.classifier = classifier
+    hosts = limits.allowed_hosts(config.host, config.allowed_hosts)
+    return limits.Guard(app, hosts, config.max_upload_bytes + ENVELOPE_BYTES)
 
 
-def _ensure_upload_folder() -> None:
-    """A private upload folder for Gradio when the caller set none (the CLI sets it with `upload_folder()`)."""
-    if not os.environ.get("GRADIO_TEMP_DIR"):
-        folder = tempfile.mkdtemp(prefix=TEMP_PREFIX)
-        os.environ["GRADIO_TEMP_DIR"] = folder
-        atexit.register(shutil.rmtree, folder, True)
-
-
-def _mount_page(app, blocks, max_bytes: int) -> Any:
-    """The Gradio page at `/` of `app`, with system fonts and none of Gradio's extras."""
-    import gradio as gr
-
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # system fonts: no Google Fonts
-    app = gr.mount_gradio_app(app, blocks, path="/", max_file_size=max_bytes, ssr_mode=False,
-                              mcp_server=False, theme=theme, footer_links=[], run_history=False)
-    # Gradio checks that a file named in an event's input was uploaded by a client (it lies in the
-    # upload folder) only once `launch()` has set this flag; mounted, the check was off and a client
-    # could name any server file (/etc/passwd, /dev/zero). The flag gates nothing else in Gradio 6.
-    blocks.has_launched = True
-    return app
-
-
-def _add_limits(app, config: ServeConfig, max_bytes: int) -> Any:
-    """The body size cap and the Host allow-list, in front of every route."""
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-    app.add_middleware(limits.BodyLimitMiddleware, limit=max_bytes + ENVELOPE_BYTES)
-    app.add_middleware(TrustedHostMiddleware,
-                       allowed_hosts=limits.allowed_hosts(config.host, config.allowed_hosts))
-    return app
-
-
-class _ClassifyEndpoint:
-    """`POST /classify`: image bytes in, the top digits out; at most MAX_IN_FLIGHT requests at once."""
+class ClassifyEndpoint:
+    """`POST /classify`: image bytes in, the top digits out; bounded in requests at once, per client too."""
 
     def __init__(self, classifier: DigitClassifier, max_bytes: int) -> None:
         self.classifier = classifier
         self.max_bytes = max_bytes
-        self.in_flight = 0  # JSON requests being served; only the event loop's thread changes it
+        self.in_flight = 0  # requests being served; only the event loop's thread changes these
+        self.per_client: collections.Counter = collections.Counter()
 
-    def handler(self):
-        """The route function for FastAPI."""
-        import fastapi
-
-        async def classify_endpoint(request):
-            if self.in_flight >= MAX_IN_FLIGHT:
-                return _error(503, f"busy: {MAX_IN_FLIGHT} requests in progress, try again", {"Retry-After": "1"})
-            self.in_flight += 1
-            try:
-                return await self.classify(request)
-            finally:
-                self.in_flight -= 1
-
-        # Set here rather than written in the signature: FastAPI reads the annotation to inject
-        # the request, and `from __future__ import annotations` would leave it an unresolvable string.
-        classify_endpoint.__annotations__["request"] = fastapi.Request
-        return classify_endpoint
+    async def handle(self, request):
+        client = request.client.host if request.client else ""
+        if self.in_flight >= MAX_IN_FLIGHT or self.per_client[client] >= MAX_IN_FLIGHT_PER_CLIENT:
+            return _error(503, f"busy: {MAX_IN_FLIGHT} requests in progress, try again", {"Retry-After": "1"})
+        self.in_flight += 1
+        self.per_client[client] += 1
+        try:
+            return await self.classify(request)
+        finally:
+            self.in_flight -= 1
+            self.per_client[client] -= 1
+            if not self.per_client[client]:
+                del self.per_client[client]
 
     async def classify(self, request):
         payload = await self._read_body(request)
         if isinstance(payload, str):
             return _error(413, payload)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            payload = await _multipart_image(request, payload)
-            if isinstance(payload, str):
-                return _error(400, payload)
         try:
-            result = await asyncio.wrap_future(self.classifier.submit_bytes(payload, self.max_bytes))
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                payload = multipart_field(payload, request.headers["content-type"])
+            future = self.classifier.submit_bytes(payload, self.max_bytes)
+            result = await asyncio.wait_for(asyncio.wrap_future(future), WORK_TIMEOUT)
+        except asyncio.TimeoutError:
+            return _error(503, f"busy: no answer within {WORK_TIMEOUT:.0f} s, try again", {"Retry-After": "1"})
         except predict_lib.ImageTooLargeError as problem:
             return _error(413, str(problem))
         except predict_lib.BlankImageError as problem:
             return _error(422, str(problem))
         except ValueError as problem:
             return _error(400, str(problem))
-        return result.to_dict()
+        return _json(result.to_dict())
 
     async def _read_body(self, request) -> bytes | str:
         """The request body, or a message saying it is over the limit (declared or streamed)."""
@@ -173,37 +122,62 @@ class _ClassifyEndpoint:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return f"upload too large: at most {self.max_bytes} bytes. Received: {declared} bytes"
+        from starlette.requests import ClientDisconnect
+
         payload = bytearray()
-        async for chunk in request.stream():  # also caps bodies sent without a Content-Length
-            payload += chunk
-            if len(payload) > limit:
-                return f"upload too large: at most {self.max_bytes} bytes"
+        try:
+            async for chunk in request.stream():  # also caps bodies sent without a Content-Length
+                payload += chunk
+                if len(payload) > limit:
+                    return f"upload too large: at most {self.max_bytes} bytes"
+        except ClientDisconnect:  # the client left (or was closed for room): nobody to answer
+            return "the client disconnected"
         return bytes(payload)
 
 
+def multipart_field(body: bytes, content_type: str, name: str = "image") -> bytes:
+    """The content of the form field `name` in a multipart body, split in memory (ValueError if none).
+
+    At most MAX_FORM_PARTS parts are looked at; nothing is spooled to disk.
+    """
+    boundary = next((value.strip().strip('"') for key, _, value in
+                     (param.strip().partition("=") for param in content_type.split(";")[1:])
+                     if key.lower() == "boundary"), "")
+    if not boundary:
+        raise ValueError("malformed multipart form (no boundary)")
+    delimiter = b"--" + boundary.encode("latin-1")
+    start = body.find(delimiter)
+    for _ in range(MAX_FORM_PARTS):
+        if start < 0 or body.startswith(b"--", start + len(delimiter)):
+            break
+        end = body.find(b"\r\n" + delimiter, start + len(delimiter))
+        part = body[start + len(delimiter):end if end >= 0 else len(body)]
+        head, separator, content = part.partition(b"\r\n\r\n")
+        if separator and _field_name(head) == name:
+            return content
+        start = end + 2 if end >= 0 else -1
+    raise ValueError(f"multipart form has no field '{name}'")
+
+
+def _field_name(head: bytes) -> Optional[str]:
+    for line in head.decode("latin-1").split("\r\n"):
+        if line.lower().startswith("content-disposition:"):
+            for param in line.split(";")[1:]:
+                key, _, value = param.strip().partition("=")
+                if key.lower() == "name":
+                    return value.strip('"')
+    return None
+
+
+def _json(content: dict, status: int = 200, headers: Optional[dict] = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(content, status_code=status, headers={**page.HEADERS, **(headers or {})})
+
+
 def _error(status: int, message: str, headers: Optional[dict] = None):
-    from fastapi.responses import JSONResponse
-
     logger.info("%s %d: %s", ENDPOINT, status, message)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-async def _multipart_image(request, body: bytes) -> bytes | str:
-    """The bytes of the form field `image`, or a message saying what is wrong."""
-    from starlette.datastructures import UploadFile
-    from starlette.requests import Request
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, receive).form(max_part_size=len(body) + 1)
-    except Exception as problem:
-        return f"malformed multipart form ({problem})"
-    field = form.get("image")
-    if field is None:
-        return "multipart form has no field 'image'"
-    return await field.read() if isinstance(field, UploadFile) else str(field).encode()
+    return _json({"error": message}, status, headers)
 
 
 @dataclasses.dataclass
@@ -227,17 +201,18 @@ class RunningServer:
 def start_server(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
                  log_level: str = "warning", max_connections: int = limits.MAX_CONNECTIONS,
                  header_timeout: float = limits.HEADER_TIMEOUT,
-                 body_timeout: float = limits.BODY_TIMEOUT) -> RunningServer:
+                 request_timeout: float = limits.REQUEST_TIMEOUT) -> RunningServer:
     """Start serving `app` in a background thread; return once it accepts connections.
 
-    Connections are capped and given read deadlines (`limits.guarded_protocol`).
+    Connections are capped and given deadlines (`limits.guarded_protocol`).
     """
     import uvicorn
 
-    protocol = limits.guarded_protocol(max_connections, header_timeout, body_timeout)
+    protocol = limits.guarded_protocol(max_connections, header_timeout, request_timeout,
+                                       min(max_connections, limits.MAX_CONNECTIONS_PER_CLIENT))
     server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False,
-        http=protocol, ws="none",  # Gradio's page uses no WebSocket
+        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
+        http=protocol, ws="none", server_header=False,
         timeout_keep_alive=limits.KEEP_ALIVE_TIMEOUT, timeout_graceful_shutdown=2,
         h11_max_incomplete_event_size=limits.MAX_HEADER_BYTES))
     server.install_signal_handlers = lambda: None  # signals belong to the main thread's caller

@@ -1,19 +1,21 @@
-"""What the web app does with one image: decode it within limits, preprocess it, classify it.
+"""What the web app does with one image: sort it into a lane, decode it within limits, preprocess, classify.
 
-Every image's pixel count is read from its header and checked before
-decoding, large images are shrunk on the way in, only a few decoders are
-reachable, and at most `DECODE_SLOTS` images per lane are decoded at once.
-The model is called one image at a time, through `predict.preprocess_image`
-and `predict.classify`: the same code as `scripts/predict.py`.
+The image's size is read from its first bytes at a fixed cost (`declared_size`,
+on the event loop: it decides the lane), then the image is decoded on a
+thread of its lane by `predict.decode_image`, the same decoder (formats,
+pixel cap, EXIF orientation, modes) as `scripts/predict.py`. At most
+`DECODE_SLOTS` images per lane are decoded at once; the model is called one
+image at a time through `predict.preprocess_image` and `predict.classify`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -25,11 +27,18 @@ MAX_PIXELS = 4096 * 4096
 # Larger images are shrunk while decoding (JPEG) or right after (others) to at most this many
 # pixels a side; the digit ends up 20x20 anyway.
 WORK_SIDE = 1024
-# Decoders a client may reach. Pillow has more (EPS would even start Ghostscript).
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
-# Images decoded at once on every route, per lane (large, small); other requests wait. One decode
-# of a MAX_PIXELS image takes up to 4 bytes a pixel (64 MiB): the large lane holds at most 128 MiB.
+IMAGE_FORMATS = predict_lib.IMAGE_FORMATS
+# Images decoded at once, per lane (large, small); other requests wait. One decode of a MAX_PIXELS
+# image takes up to 4 bytes a pixel (64 MiB), twice while converted: the large lane holds at most 256 MiB.
 DECODE_SLOTS = 2
+# An upload of more bytes than this goes to the large lane whatever its header says (decoding time
+# grows with the bytes too).
+SMALL_BYTES = 256 * 1024
+# A PNG is a list of chunks; Pillow reads each one in Python. More than this is a flood, not a picture
+# (a 20 MB PNG written in libpng's 8 KB data chunks has about 2,500).
+MAX_PNG_CHUNKS = 4096
+MAX_JPEG_SEGMENTS = 1024
+LANES = ("small", "large")
 
 
 class InputTooLargeError(predict_lib.ImageTooLargeError):
@@ -52,24 +61,22 @@ class Classification:
 class DigitClassifier:
     """Decode, preprocess and classify one image at a time; safe to call from many threads.
 
-    Uploads are decoded on two small thread pools of `slots` threads each, one
-    for images over WORK_SIDE x WORK_SIDE pixels (by their header) and one for
-    the rest, so that small requests do not wait behind large ones. Only these
-    threads hold decoded pixels, which bounds decoding memory, including what
-    the C allocator keeps per thread once a large image is freed. Measured
-    with 16 concurrent 4096x4096 uploads: a semaphore over the request threads
-    instead took the server's peak RSS from 889 MB to 1,596 MB; these pools,
-    from 888 MB to 1,183 MB. The lock serialises `model.predict`: a
-    TFLite interpreter must not be invoked from two threads at once, and one
-    28x28 image takes milliseconds.
+    Uploads are decoded on two thread pools of `slots` threads each: one for
+    images over WORK_SIDE x WORK_SIDE pixels or SMALL_BYTES bytes (or of a
+    size their first bytes do not say), one for the rest, so that small
+    requests never wait behind large ones. Only these threads hold decoded
+    pixels, which bounds decoding memory, including what the C allocator
+    keeps per thread once a large image is freed. The lock serialises
+    `model.predict`: a TFLite interpreter must not be invoked from two threads
+    at once, and one 28x28 image takes milliseconds.
     """
 
     def __init__(self, model, top_k: int = 3, slots: int = DECODE_SLOTS) -> None:
         self.model = model
         self.top_k = top_k
         self._lock = threading.Lock()
-        self._large = ThreadPoolExecutor(slots, thread_name_prefix="mnist-keras-decode-large")
-        self._small = ThreadPoolExecutor(slots, thread_name_prefix="mnist-keras-decode-small")
+        self.lanes = {lane: ThreadPoolExecutor(slots, thread_name_prefix=f"mnist-keras-decode-{lane}")
+                      for lane in LANES}
 
     def classify(self, image: Image.Image | np.ndarray) -> Classification:
         """Raises `predict.BlankImageError` (a ValueError) for an image without ink."""
@@ -79,59 +86,82 @@ class DigitClassifier:
         return Classification(tuple(top), model_input)
 
     def submit_bytes(self, payload: bytes, max_bytes: int) -> Future:
-        """Decode an uploaded file and classify it on a decoding thread. The future's `result()` raises
-        ValueError (ImageTooLargeError) when it cannot be."""
-        lane = self._large if _declared_pixels(io.BytesIO(payload)) > WORK_SIDE ** 2 else self._small
-        return lane.submit(lambda: self.classify(decode_image(payload, max_bytes)))
+        """Decode an uploaded file and classify it on its lane's thread. Raises ValueError at once for a
+        chunk flood; the future's `result()` raises ValueError (ImageTooLargeError) when it cannot be."""
+        lane = lane_for(payload)
+        return self.lanes[lane].submit(lambda: self.classify(decode_image(payload, max_bytes)))
 
     def classify_bytes(self, payload: bytes, max_bytes: int) -> Classification:
         return self.submit_bytes(payload, max_bytes).result()
 
-    def classify_file(self, path: str, max_bytes: int) -> Classification:
-        """`classify_bytes` for a file in the upload folder (ValueError for any other file)."""
-        path = uploaded_file(path)
-        lane = self._large if _declared_pixels(path) > WORK_SIDE ** 2 else self._small
-        return lane.submit(lambda: self.classify(decode_image_file(path, max_bytes))).result()
+    def shutdown(self) -> None:
+        for pool in self.lanes.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _declared_pixels(source) -> int:
-    """The pixel count an image's header declares; 0 when there is no readable header (decoding says why)."""
-    try:
-        with Image.open(source, formats=IMAGE_FORMATS) as image:
-            return image.width * image.height
-    except Exception:  # not an image, or a bomb Image.open refuses: decoding reports it
-        return 0
+def lane_for(payload: bytes) -> str:
+    """"small" for an upload of at most SMALL_BYTES whose first bytes declare at most WORK_SIDE**2 pixels."""
+    size = declared_size(payload)
+    if size is None or len(payload) > SMALL_BYTES or size[0] * size[1] > WORK_SIDE ** 2:
+        return "large"
+    return "small"
+
+
+def declared_size(payload: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from an image's first bytes, at a cost bounded whatever the bytes (None: not known).
+
+    Runs on the server's event loop, so it reads only fixed-size headers
+    (GIF, BMP), walks at most MAX_JPEG_SEGMENTS segment headers (JPEG) and
+    refuses a PNG of more than MAX_PNG_CHUNKS chunks (ValueError).
+    """
+    if payload.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png_size(payload)
+    if payload[:6] in (b"GIF87a", b"GIF89a") and len(payload) >= 10:
+        return struct.unpack("<HH", payload[6:10])
+    if payload.startswith(b"BM") and len(payload) >= 26:
+        width, height = struct.unpack("<ii", payload[18:26])
+        return abs(width), abs(height)
+    if payload.startswith(b"\xff\xd8"):
+        return _jpeg_size(payload)
+    return None
+
+
+def _png_size(payload: bytes) -> Optional[tuple[int, int]]:
+    offset, chunks, size = 8, 0, None
+    while offset + 8 <= len(payload):
+        length, kind = struct.unpack(">I4s", payload[offset:offset + 8])
+        if kind == b"IHDR" and length >= 8 and offset + 16 <= len(payload):
+            size = struct.unpack(">II", payload[offset + 8:offset + 16])
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise ValueError(f"not a readable image (a PNG of more than {MAX_PNG_CHUNKS} chunks)")
+        if kind == b"IEND":
+            break
+        offset += 12 + length
+    return size
+
+
+def _jpeg_size(payload: bytes) -> Optional[tuple[int, int]]:
+    offset = 2
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if offset + 9 > len(payload) or payload[offset] != 0xFF:
+            return None
+        marker = payload[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            height, width = struct.unpack(">HH", payload[offset + 5:offset + 9])
+            return width, height
+        offset += 2 + struct.unpack(">H", payload[offset + 2:offset + 4])[0]
+    return None
 
 
 def decode_image(payload: bytes, max_bytes: int) -> Image.Image:
-    """An uploaded file's bytes as a PIL image (at most WORK_SIDE a side), refusing empty, oversized and
-    non-image uploads before decoding them."""
+    """An uploaded file's bytes as a PIL image (at most WORK_SIDE a side, upright), refusing empty, oversized
+    and non-image uploads before decoding them."""
     if not payload:
         raise ValueError("empty upload: send the image file as the request body or as the form field 'image'")
     if len(payload) > max_bytes:
         raise InputTooLargeError(f"upload too large: at most {max_bytes} bytes. Received: {len(payload)} bytes")
     return predict_lib.decode_image(io.BytesIO(payload), MAX_PIXELS, IMAGE_FORMATS, WORK_SIDE)
-
-
-def uploaded_file(path: str) -> Path:
-    """`path` resolved, when it is a regular file inside the upload folder; ValueError otherwise."""
-    resolved = Path(path).resolve()
-    if not resolved.is_relative_to(Path(upload_folder_path()).resolve()) or not resolved.is_file():
-        raise ValueError("not an uploaded file")
-    return resolved
-
-
-def decode_image_file(path: str, max_bytes: int) -> Image.Image:
-    """`decode_image` for a file the page uploaded: it must lie inside the upload folder."""
-    resolved = uploaded_file(path)
-    size = resolved.stat().st_size
-    if size > max_bytes:
-        raise InputTooLargeError(f"upload too large: at most {max_bytes} bytes. Received: {size} bytes")
-    return predict_lib.decode_image(resolved, MAX_PIXELS, IMAGE_FORMATS, WORK_SIDE)
-
-
-def upload_folder_path() -> str:
-    """Where Gradio keeps uploads (as Gradio itself reads it)."""
-    from gradio import utils as gradio_utils
-
-    return gradio_utils.get_upload_folder()

@@ -1,30 +1,35 @@
-"""The web app's HTTP-level limits, in front of every route (the JSON endpoint and all of Gradio's).
+"""The web app's HTTP limits, in front of every route: who may ask, how much, for how long, how many at once.
 
-- `allowed_hosts` and `TrustedHostMiddleware`: a request whose `Host` header
-  names anything else gets 400, so a web page the user visits cannot reach the
-  local server through DNS rebinding.
-- `BodyLimitMiddleware`: a request body over the limit gets 413, whether it
-  says its length up front or streams it (Gradio's own multipart routes accept
-  up to 1,000 files per request).
-- `guarded_protocol`: uvicorn's h11 protocol with a deadline for the request
-  headers and another for the body, and a cap on open connections. uvicorn has
-  neither: a client sending headers one byte at a time kept its connection
-  (and a file descriptor) for as long as it liked.
+- `Guard` (pure ASGI, around the whole app): a request whose `Host` header
+  names anything but the allowed hosts gets 400 (no DNS rebinding); a POST
+  from another origin (its `Origin` header names another site, or the browser
+  says `Sec-Fetch-Site: cross-site`) gets 403; a body over the limit gets
+  413, whether declared up front or streamed.
+- `guarded_protocol`: uvicorn's h11 protocol with a deadline for a request's
+  headers and another for the rest of it (body, work and response together),
+  and a cap on open connections, in total and per client address. When the
+  cap is reached, the oldest connection that is not being answered (waiting
+  for headers, sending a body, idle, or not reading its answer) is closed to
+  make room, so idle or slow clients cannot lock out a client that sends its
+  request at once.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from typing import Optional, Sequence
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 HEADER_TIMEOUT = 10.0  # seconds from connection (or the previous answer) to a request's last header line
-BODY_TIMEOUT = 30.0  # seconds from the last header line to the end of the body (2 MB at about 0.5 Mbit/s)
+REQUEST_TIMEOUT = 30.0  # seconds from the last header line to the answer's last byte (body, work, response)
 KEEP_ALIVE_TIMEOUT = 5  # seconds an idle keep-alive connection stays open
-MAX_CONNECTIONS = 100  # open connections; one more is closed at once
+MAX_CONNECTIONS = 100  # open connections; one more evicts the oldest idle one (or is closed at once)
+MAX_CONNECTIONS_PER_CLIENT = 64  # open connections from one client address
 MAX_HEADER_BYTES = 16 * 1024  # one request's headers (h11's incomplete-event limit)
+SAFE_METHODS = ("GET", "HEAD")
 
 
 def host_name(address: str) -> str:
@@ -44,21 +49,42 @@ def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> list[str]:
     return list(dict.fromkeys(hosts))
 
 
-class BodyLimitMiddleware:
-    """Answer 413 to a request whose body is over `limit` bytes, declared or streamed (pure ASGI)."""
+def _host_without_port(host: str) -> str:
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
-    def __init__(self, app, limit: int) -> None:
+
+class Guard:
+    """Host allow-list, same-origin check on state-changing requests, body size cap (pure ASGI)."""
+
+    def __init__(self, app, hosts: Sequence[str], body_limit: int) -> None:
         self.app = app
-        self.limit = limit
+        self.hosts = {host.lower() for host in hosts}
+        self.limit = body_limit
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            return  # no WebSocket, no lifespan work
+        headers = {key: value.decode("latin-1") for key, value in scope["headers"]}
+        host = headers.get(b"host", "").lower()
+        if _host_without_port(host) not in self.hosts:
+            await _answer(send, 400, f"invalid Host header. Received: {host[:80]!r}")
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if scope["method"] not in SAFE_METHODS and not _same_origin(headers, host):
+            await _answer(send, 403, "cross-origin request refused")
+            return
+        declared = headers.get(b"content-length", "")
         if declared and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(send, declared)
+            await _answer(send, 413, self._too_large(declared[:20]))
             return
+        await self._limited(scope, receive, send)
+
+    def _too_large(self, received: str) -> str:
+        return f"request body too large: at most {self.limit} bytes. Received: {received} bytes"
+
+    async def _limited(self, scope, receive, send) -> None:
+        """Run the app, cutting its body off (and answering 413) once more than `limit` bytes stream in."""
         received, over, started = 0, False, False
 
         async def limited_receive():
@@ -84,56 +110,94 @@ class BodyLimitMiddleware:
             if not over:
                 raise  # the app's failure; a failure after the cut-off is the app seeing the client go
         if over and not started:
-            await self._refuse(send, f"over {self.limit}")
+            await _answer(send, 413, self._too_large(f"over {self.limit}"))
 
-    async def _refuse(self, send, received: str) -> None:
-        body = json.dumps({"error": f"request body too large: at most {self.limit} bytes. "
-                                    f"Received: {received} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+def _same_origin(headers: dict, host: str) -> bool:
+    """False when the browser says the request comes from another site. Scripts (curl) send neither header."""
+    if headers.get(b"sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = headers.get(b"origin")
+    return origin is None or origin.lower() in (f"http://{host}", f"https://{host}")
+
+
+async def _answer(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def guarded_protocol(max_connections: int = MAX_CONNECTIONS, header_timeout: float = HEADER_TIMEOUT,
-                     body_timeout: float = BODY_TIMEOUT):
-    """uvicorn's h11 protocol class with read deadlines and a connection cap (pass as `uvicorn.Config(http=...)`).
+                     request_timeout: float = REQUEST_TIMEOUT,
+                     max_per_client: int = MAX_CONNECTIONS_PER_CLIENT):
+    """uvicorn's h11 protocol class with deadlines and connection caps (pass as `uvicorn.Config(http=...)`).
 
     A connection whose request headers have not all arrived `header_timeout`
-    seconds after it opened (or after its previous answer), or whose body has
-    not all arrived `body_timeout` seconds after the headers, is closed. A
-    connection opened while `max_connections` are open is closed at once.
+    seconds after it opened (or after its previous answer), or whose answer
+    has not been written `request_timeout` seconds after the headers, is
+    aborted (its unsent output dropped: a client that does not read cannot
+    hold it). Over a cap, the oldest evictable connection is aborted.
     """
-    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    finished = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR, h11.SWITCHED_PROTOCOL)
 
     class GuardedH11Protocol(H11Protocol):
         _deadline = None
-        _reading_body = False
+        _cycle_seen = None
+        _write_paused = False
+        _opened = 0.0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                transport.close()  # connection_lost removes it from the count
-                return
+            self._opened = time.monotonic()
             self._arm(header_timeout)
+            # Connections already closing still count until their connection_lost runs: skip them, or a burst
+            # of new connections would all pick the same victim and none would be closed.
+            live = [c for c in self.connections if not c.transport.is_closing()]
+            mine = [c for c in live if c.client and self.client and c.client[0] == self.client[0]]
+            if len(mine) > max_per_client:
+                self._make_room(mine)
+            elif len(live) > max_connections:
+                self._make_room(live)
+
+        def _make_room(self, candidates: list) -> None:
+            evictable = [c for c in candidates if c is not self and getattr(c, "_evictable", lambda: False)()]
+            victim = min(evictable, key=lambda c: c._opened) if evictable else self
+            victim.transport.abort()  # connection_lost removes it from the count
+
+        def _evictable(self) -> bool:
+            """True unless a complete request is being worked on and its answer is flowing."""
+            cycle = self.cycle
+            answering = cycle is not None and not cycle.response_complete and not cycle.more_body
+            return not answering or self._write_paused
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            state = self.conn.their_state
-            if state in finished:
-                self._disarm()
-            elif state is h11.SEND_BODY and not self._reading_body:
-                self._reading_body = True
-                self._arm(body_timeout)
+            self._watch_cycle()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._reading_body = False
+            super().on_response_complete()  # may start the next pipelined request
+            if not self.transport.is_closing() and not self._watch_cycle():
                 self._arm(header_timeout)  # the next request on this keep-alive connection
+
+        def _watch_cycle(self) -> bool:
+            """Arm the request deadline when a new request's headers are complete; True while one runs."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return False
+            if cycle is not self._cycle_seen:
+                self._cycle_seen = cycle
+                self._arm(request_timeout)
+            return True
+
+        def pause_writing(self) -> None:
+            self._write_paused = True
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            self._write_paused = False
+            super().resume_writing()
 
         def connection_lost(self, exc: Optional[Exception]) -> None:
             self._disarm()
@@ -150,7 +214,7 @@ def guarded_protocol(max_connections: int = MAX_CONNECTIONS, header_timeout: flo
 
         def _expire(self) -> None:
             self._deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()
+            if not self.transport.is_closing() or self._write_paused:
+                self.transport.abort()
 
     return GuardedH11Protocol

@@ -1,179 +1,178 @@
-"""The web app's page: a Gradio sketchpad and upload box in, the top digits and the image the model saw out.
+"""The web app's page: a canvas to draw on and a file picker, in plain HTML, CSS and JavaScript.
 
-Built with `gr.Blocks` over a `DigitClassifier`; mounted into the app by
-`serve.build_app`. The sketchpad refuses oversized images before decoding
-them and keeps few pending uploads (`_bound_sketchpad`); Gradio's event queue
-in front of the page is bounded.
+Drawing starts with the first stroke (pointer events: mouse, pen or finger);
+when a stroke ends, the canvas goes to `POST /classify` as a PNG, as a chosen
+photo does, and the page shows the answer. Nothing is loaded from anywhere
+but the app (the Content-Security-Policy says so to the browser too).
 """
 
 from __future__ import annotations
 
-import io
-from typing import Any, Optional
-
-import numpy as np
-from PIL import Image
+import html
 
 from mnist_keras.constants import IMAGE_SIZE
-from mnist_keras.evaluation import predict as predict_lib
-from mnist_keras.serving.classifier import (
-    IMAGE_FORMATS,
-    Classification,
-    DigitClassifier,
-)
 
-# Page events waiting in Gradio's queue; one more is told the queue is full.
-QUEUE_SIZE = 64
-# The canvas the browser draws on (pixels); 10 screen pixels per MNIST pixel.
+# The canvas's pixels: 10 per MNIST pixel. Its stroke: about MNIST's pen (2 px of 28) at that scale.
 CANVAS_SIZE = 10 * IMAGE_SIZE
-# A sketch the browser sends is the canvas at the screen's pixel ratio (up to 4 here).
-SKETCH_MAX_PIXELS = (4 * CANVAS_SIZE) ** 2
-# Images the sketchpad keeps between its upload and its event; the oldest are dropped.
-SKETCH_MAX_PENDING = 32
-# Brush size (Gradio draws about 2.5x this many canvas pixels wide): about MNIST's pen at 10x.
-BRUSH_SIZE = 8
-PREVIEW_SCALE = 8  # The 28x28 preview is shown 8x enlarged, pixels kept square.
-EMPTY_CANVAS_MESSAGE = "The canvas is empty: draw a digit."
+STROKE_WIDTH = 22
+EMPTY_CANVAS_MESSAGE = "Draw a digit, or choose a photo of one."
+# What the browser may load and send: only this app's own files and endpoint; no frames, no forms.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
+           "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mnist_keras: draw a digit</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/app.css">
+</head>
+<body>
+<main>
+<h1>Draw a digit</h1>
+<p>Draw one digit 0-9 with the mouse or a finger, or choose a photo of one.{model}</p>
+<div class="row">
+<section>
+<canvas id="canvas" width="{size}" height="{size}" data-stroke="{stroke}" aria-label="Canvas: draw a digit here"></canvas>
+<div class="controls">
+<button id="clear" type="button">Clear</button>
+<label for="photo">Photo:</label>
+<input id="photo" type="file" accept="image/png,image/jpeg,image/bmp,image/gif,image/webp">
+</div>
+</section>
+<section>
+<p id="status" role="status">{empty}</p>
+<p id="answer" aria-live="polite"></p>
+<ol id="top"></ol>
+</section>
+</div>
+</main>
+<script src="/app.js"></script>
+</body>
+</html>
+"""
+
+APP_CSS = """body { font-family: system-ui, sans-serif; margin: 0; background: #f4f4f5; color: #18181b; }
+main { max-width: 760px; margin: 0 auto; padding: 16px; }
+.row { display: flex; flex-wrap: wrap; gap: 24px; }
+canvas { width: 280px; height: 280px; background: #fff; border: 2px solid #a1a1aa; border-radius: 6px;
+         touch-action: none; cursor: crosshair; }
+.controls { display: flex; gap: 8px; align-items: center; margin-top: 8px; }
+#answer { font-size: 64px; font-weight: 700; margin: 8px 0; min-height: 1.2em; }
+#top { font-size: 18px; }
+"""
+
+APP_JS = """"use strict";
+const canvas = document.getElementById("canvas");
+const context = canvas.getContext("2d");
+const statusLine = document.getElementById("status");
+const answer = document.getElementById("answer");
+const topList = document.getElementById("top");
+const photo = document.getElementById("photo");
+const EMPTY = statusLine.textContent;
+let last = null;
+let asked = 0;  // requests sent; an answer older than the latest is dropped
+let pending = 0;  // requests not answered yet (document.body.dataset.pending: for tests and tools)
+
+function track(change) {
+  pending += change;
+  document.body.dataset.pending = String(pending);
+}
+
+function clearCanvas() {
+  context.fillStyle = "#fff";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+}
+
+function at(event) {
+  const box = canvas.getBoundingClientRect();
+  return [(event.clientX - box.left) * canvas.width / box.width,
+          (event.clientY - box.top) * canvas.height / box.height];
+}
+
+function strokeTo(point) {
+  context.strokeStyle = "#000";
+  context.lineWidth = Number(canvas.dataset.stroke);
+  context.lineCap = "round";
+  context.lineJoin = "round";
+  context.beginPath();
+  context.moveTo(last[0], last[1]);
+  context.lineTo(point[0], point[1]);
+  context.stroke();
+  last = point;
+}
+
+function show(status, digit, top) {
+  statusLine.textContent = status;
+  answer.textContent = digit;
+  topList.replaceChildren(...top.map(function (entry) {
+    const item = document.createElement("li");
+    item.textContent = entry.digit + ": " + (100 * entry.probability).toFixed(1) + "%";
+    return item;
+  }));
+}
+
+async function classify(blob, mine) {
+  statusLine.textContent = "Asking the model...";
+  try {
+    const response = await fetch("/classify", {method: "POST", body: blob,
+      headers: {"Content-Type": blob.type || "application/octet-stream"}});
+    const result = await response.json();
+    if (mine !== asked) return;
+    if (response.ok) {
+      show("Answer: " + result.digit + " (" + (100 * result.probability).toFixed(1) + "%)",
+           String(result.digit), result.top);
+    } else {
+      show(result.error || ("Error " + response.status), "", []);
+    }
+  } catch (error) {
+    if (mine === asked) show("The server did not answer: " + error, "", []);
+  } finally {
+    track(-1);
+  }
+}
+
+canvas.addEventListener("pointerdown", function (event) {
+  event.preventDefault();
+  canvas.setPointerCapture(event.pointerId);
+  last = at(event);
+  strokeTo(last);
+});
+canvas.addEventListener("pointermove", function (event) {
+  if (last !== null) strokeTo(at(event));
+});
+function endStroke() {
+  if (last === null) return;
+  last = null;
+  asked++;
+  track(1);
+  const mine = asked;
+  canvas.toBlob(function (blob) { classify(blob, mine); }, "image/png");
+}
+canvas.addEventListener("pointerup", endStroke);
+canvas.addEventListener("pointercancel", endStroke);
+photo.addEventListener("change", function () {
+  if (!photo.files.length) return;
+  asked++;
+  track(1);
+  classify(photo.files[0], asked);
+});
+document.getElementById("clear").addEventListener("click", function () {
+  asked++;
+  clearCanvas();
+  photo.value = "";
+  show(EMPTY, "", []);
+});
+clearCanvas();
+track(0);
+"""
 
 
-class _Answers:
-    """What the page shows for an event: (top digits, enlarged model input, status line)."""
-
-    def __init__(self, classifier: DigitClassifier, max_bytes: int) -> None:
-        self.classifier = classifier
-        self.max_bytes = max_bytes
-
-    def from_sketch(self, value: Optional[dict]):
-        # The sketchpad sends {"background", "layers", "composite"}; the composite is RGBA
-        # with a transparent background, which preprocess_image puts onto white.
-        composite = None if value is None else value.get("composite")
-        if composite is None:
-            return None, None, EMPTY_CANVAS_MESSAGE
-        try:
-            result = self.classifier.classify(composite)
-        except ValueError as error:  # a blank canvas or photo: say so on the page
-            message = EMPTY_CANVAS_MESSAGE if isinstance(error, predict_lib.BlankImageError) else str(error)
-            return None, None, message
-        return _shown(result)
-
-    def from_upload(self, path: Optional[str]):
-        if path is None:
-            return None, None, "Upload a photo of one handwritten digit."
-        try:
-            result = self.classifier.classify_file(path, self.max_bytes)
-        except predict_lib.ImageTooLargeError as error:
-            return None, None, f"Too large: {error}."
-        except predict_lib.BlankImageError:
-            return None, None, "No digit found in the photo: is it blank?"
-        except (ValueError, OSError):
-            return None, None, "Not an image: the uploaded file cannot be read as a picture."
-        return _shown(result)
-
-
-def _shown(result: Classification):
-    digit, probability = result.top[0]
-    return _label_value(result.top), _preview(result.model_input), f"**{digit}** ({probability:.1%})"
-
-
-def _preview(model_input: np.ndarray) -> np.ndarray:
-    """The model's 28x28 input, enlarged with square pixels so people can see it."""
-    pixels = np.clip(np.round(model_input), 0, 255).astype(np.uint8)
-    return np.kron(pixels, np.ones((PREVIEW_SCALE, PREVIEW_SCALE), np.uint8))
-
-
-def _label_value(top: tuple) -> dict:
-    return {str(digit): probability for digit, probability in top}
-
-
-def build_blocks(classifier: DigitClassifier, model_description: str = "", max_bytes: int = 2_000_000) -> Any:
-    """The Gradio page: sketchpad and upload in, top digits and the 28x28 model input out."""
-    import gradio as gr
-
-    answers = _Answers(classifier, max_bytes)
-    with gr.Blocks(title="mnist_keras: draw a digit", analytics_enabled=False) as blocks:
-        gr.Markdown("## Draw a digit\nDraw one digit 0-9 with the mouse or a finger, or upload a photo of "
-                    "one. " + (f"Model: `{model_description}`." if model_description else ""))
-        with gr.Row(equal_height=False):
-            # Each component in its own Column: a Sketchpad placed straight in a Row got a
-            # wrong canvas width on about half of page loads, and lost strokes.
-            with gr.Column(min_width=320):
-                sketchpad, classify_button, clear_button, upload = _inputs(gr)
-            with gr.Column(min_width=320):
-                outputs = _outputs(gr, classifier.top_k)
-        sketchpad.change(answers.from_sketch, sketchpad, outputs, show_progress="hidden",
-                         trigger_mode="always_last")
-        classify_button.click(answers.from_sketch, sketchpad, outputs)
-        upload.change(answers.from_upload, upload, outputs)
-        clear_button.click(lambda: (None, None, None, None, EMPTY_CANVAS_MESSAGE), None, [sketchpad, upload, *outputs])
-    # Gradio runs each event one at a time by default; the queue in front of them is bounded too.
-    blocks.queue(max_size=QUEUE_SIZE)
-    return blocks
-
-
-def _inputs(gr) -> tuple:
-    """The sketchpad with its Classify and Clear buttons, and the upload box."""
-    sketchpad = _bound_sketchpad(gr.Sketchpad(
-        label="Canvas", type="numpy", image_mode="RGBA", format="png",
-        canvas_size=(CANVAS_SIZE, CANVAS_SIZE), fixed_canvas=True, layers=False,
-        brush=gr.Brush(default_size=BRUSH_SIZE, colors=["#000000"], color_mode="fixed"),
-        elem_id="canvas"))
-    with gr.Row():
-        classify_button = gr.Button("Classify", variant="primary", elem_id="classify")
-        clear_button = gr.Button("Clear", elem_id="clear")
-    # A File box rather than gr.Image: gr.Image decodes the upload itself and answers a
-    # non-image with a bare "Error"; here load_image's failure becomes a message.
-    upload = gr.File(label="Or upload a photo of a digit", file_types=["image"], type="filepath",
-                     height=120, elem_id="upload")
-    return sketchpad, classify_button, clear_button, upload
-
-
-def _outputs(gr, top_k: int) -> list:
-    """[top digits, the model's input enlarged, status line]: what every event answers, in that order."""
-    status = gr.Markdown(EMPTY_CANVAS_MESSAGE, elem_id="status")
-    label = gr.Label(label="Top digits", num_top_classes=top_k, elem_id="prediction")
-    preview = gr.Image(label=f"What the model received ({IMAGE_SIZE}x{IMAGE_SIZE}, enlarged)", type="numpy",
-                       image_mode="L", format="png", interactive=False, elem_id="preview")
-    return [label, preview, status]
-
-
-def _bound_sketchpad(sketchpad) -> Any:
-    """Make a gr.Sketchpad refuse oversized images before decoding them, and keep few pending uploads.
-
-    The page's canvas sends its image either as an uploaded file or as bytes to
-    the component's `accept_blobs`, which Gradio keeps in memory under an id
-    of the client's choosing, with a list index of the client's choosing.
-    The two methods are wrapped on the instance: a subclass of a Gradio
-    component makes Gradio write a type stub (.pyi) beside this module.
-    """
-    import types
-
-    import gradio as gr
-    from gradio.data_classes import FileData
-
-    component_class = type(sketchpad)
-
-    def convert_and_format_image(self, file, flatten_on_white: bool = False):
-        if file is not None:
-            source = file.path if isinstance(file, FileData) else io.BytesIO(file)
-            try:
-                with Image.open(source, formats=IMAGE_FORMATS) as image:
-                    width, height = image.size
-            except Exception:
-                raise gr.Error("The canvas sent something that is not an image.", print_exception=False) from None
-            if width * height > SKETCH_MAX_PIXELS:
-                raise gr.Error(f"Canvas image too large: at most {SKETCH_MAX_PIXELS} pixels. "
-                               f"Received: {width}x{height}", print_exception=False)
-        return component_class.convert_and_format_image(self, file, flatten_on_white)
-
-    def accept_blobs(self, data):
-        index = data.data.get("index")
-        if index not in (None, "null") and not (str(index).isdigit() and int(index) < 4):
-            raise gr.Error("The canvas has one layer.", print_exception=False)
-        component_class.accept_blobs(self, data)
-        while len(self.blob_storage) > SKETCH_MAX_PENDING:
-            self.blob_storage.pop(next(iter(self.blob_storage)))
-
-    accept_blobs._is_server_fn = True  # what Gradio's @server sets: callable from the page
-    sketchpad.convert_and_format_image = types.MethodType(convert_and_format_image, sketchpad)
-    sketchpad.accept_blobs = types.MethodType(accept_blobs, sketchpad)
-    return sketchpad
+def page_html(model_description: str = "") -> str:
+    """The page, naming the model served (escaped: a file name may hold anything)."""
+    model = f" Model: <code>{html.escape(model_description)}</code>." if model_description else ""
+    return _HTML.format(model=model, size=CANVAS_SIZE, stroke=STROKE_WIDTH, empty=EMPTY_CANVAS_MESSAGE)

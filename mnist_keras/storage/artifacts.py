@@ -8,6 +8,7 @@ Files are written atomically, with the modes the umask gives (see folders.py).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from mnist_keras.errors import InputFileError, MissingInputError
 from mnist_keras.storage.folders import (  # noqa: F401
     FolderKind,
     OutputExistsError,
+    check_links,
     apply_umask,
     check_output_folder,
     clean_leftovers,
@@ -83,17 +85,22 @@ def prepare_run_dir(folder: os.PathLike | str, overwrite: bool = False) -> Path:
     - a finished run (metrics.json): refused unless `overwrite`, then the
       package's entries (RUN_ENTRIES) are removed and every other file kept;
     - an unfinished run (a backup from a killed run): kept, so that training
-      can resume from it.
+      can resume from it;
+    - in use by a live run (its lock, see `lock_folder`): refused.
     """
     folder = Path(folder)
     check_run_dir(folder, overwrite)
-    if folder.is_dir() and any(folder.iterdir()):
+    # Created (or found), then locked for this process's life, then checked again under the lock: of two
+    # runs started together into one folder, the second is refused here.
+    make_folder(folder)
+    lock_folder(folder, "a running train.py")
+    check_run_dir(folder, overwrite)
+    if any(folder.iterdir()):
         clean_leftovers(folder)
         if is_finished_run(folder):
             logger.info("Replacing the run in %s (--overwrite; other files there are kept)", folder)
             remove_entries(folder, RUN_ENTRIES)
         return folder
-    make_folder(folder)
     write_text(folder / RUN_MARKER, "A run folder written by mnist_keras; --overwrite replaces only "
                                     f"{', '.join(RUN_ENTRIES)} here.\n")
     return folder
@@ -135,3 +142,38 @@ def read_json(path: os.PathLike | str) -> Any:
 def save_keras_model(model, path: os.PathLike | str) -> Path:
     """`model.save` to a temporary .keras file, then rename into place."""
     return write_atomically(path, model.save)
+
+
+# Set for the children of a process holding folders' locks (the local launcher's workers, the commands a
+# test starts): the folders they may write without locking them themselves (os.pathsep between them).
+LOCK_ENV = "MNIST_KERAS_LOCKED_FOLDERS"
+_held_locks: dict = {}  # resolved folder -> file descriptor, held until the process ends
+
+
+def lock_folder(folder: os.PathLike | str, holder: str = "a running job") -> None:
+    """Hold an exclusive lock (fcntl.flock on the folder itself) until this process ends, or refuse in one line.
+
+    The kernel drops the lock when the process dies, however it dies. A
+    child of the holder (its environment names the folder in LOCK_ENV) may
+    write the folder without the lock.
+    """
+    resolved = str(Path(folder).resolve())
+    if resolved in _held_locks or resolved in os.environ.get(LOCK_ENV, "").split(os.pathsep):
+        return
+    descriptor = os.open(resolved, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise OutputExistsError(f"{folder}: in use by {holder} (another process holds it); wait for it to "
+                                "finish or choose another --output-dir") from None
+    _held_locks[resolved] = descriptor
+    os.environ[LOCK_ENV] = os.pathsep.join(_held_locks)  # inherited by the processes this one starts
+
+
+def release_folder(folder: os.PathLike | str) -> None:
+    """Give up a lock taken by `lock_folder` (tests; a job's lock lasts as long as its process)."""
+    descriptor = _held_locks.pop(str(Path(folder).resolve()), None)
+    if descriptor is not None:
+        os.close(descriptor)
+        os.environ[LOCK_ENV] = os.pathsep.join(_held_locks)

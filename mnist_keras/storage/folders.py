@@ -47,8 +47,24 @@ def remove_entries(folder: Path, names) -> None:
             path.unlink()
 
 
+def check_links(folder: os.PathLike | str) -> None:
+    """Refuse (one line) a path through a symbolic link that leads nowhere (dangling) or to itself (a loop)."""
+    path = Path(folder)
+    for part in [*reversed(path.parents), path]:
+        if part.is_symlink():
+            try:
+                os.stat(part)
+            except FileNotFoundError:
+                raise OutputNotWritableError(f"{part}: a symbolic link to {os.readlink(part)}, which does not "
+                                             "exist; create it or choose another --output-dir") from None
+            except OSError as error:
+                raise OutputNotWritableError(f"{part}: a symbolic link that cannot be followed "
+                                             f"({error.strerror}); choose another --output-dir") from None
+
+
 def make_folder(folder: Path) -> Path:
     """mkdir -p, with a one-line error when the place is not writable."""
+    check_links(folder)
     check_writable(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -231,6 +247,7 @@ def check_output_folder(folder: os.PathLike | str, kind: FolderKind, overwrite: 
     cannot be written.
     """
     folder = Path(folder)
+    check_links(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{folder}: exists and is not a folder")
     check_writable(folder)
@@ -247,18 +264,52 @@ def check_output_folder(folder: os.PathLike | str, kind: FolderKind, overwrite: 
 
 
 @contextlib.contextmanager
-def building(target: os.PathLike | str) -> Iterator[Path]:
+def building(target: os.PathLike | str, marker: Optional[str] = None, finished: str = "") -> Iterator[Path]:
     """Build a folder under a temporary name beside `target`; on success publish it as `target` whole.
 
     `with folders.building(out) as staging: ...write into staging...` - if the
     block raises, the staging folder is removed and `target` is untouched.
     Re-check that `target` may be replaced inside the block, as its last step,
     when the job ran long enough for another to have written it meanwhile.
+    With a `marker` file name, the marker (listing what the job wrote) is
+    added, and an existing `target` keeps every entry the previous job did
+    not write (`publish_entries`) instead of being replaced whole.
     """
     target = Path(target)
     staging = staging_folder(target)
     try:
         yield staging
-        publish_folder(staging, target)
+        if marker is None:
+            publish_folder(staging, target)
+        else:
+            entries = sorted(path.name for path in staging.iterdir())
+            (staging / marker).write_text(marker_text(f"Written by mnist_keras; --overwrite replaces only "
+                                                      f"the entries below.", entries))
+            apply_umask(staging / marker)
+            publish_entries(staging, target, marker, finished)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+
+def publish_entries(staging: Path, target: Path, marker: str, finished: str) -> None:
+    """Move the finished `staging` folder's entries into `target` (a folder of ours, marked by `marker`),
+    replacing the entries the previous job listed in its marker and leaving every other entry (the user's).
+
+    `finished` (the entry marking finished work) goes first out and last in, so a kill in between leaves
+    an unfinished folder of ours, never a finished one with parts missing.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    names = sorted(path.name for path in staging.iterdir())
+    previous = (target / marker).read_text().splitlines()[1:] if (target / marker).is_file() else []
+    remove_entries(target, [finished])
+    remove_entries(target, sorted({*previous, *names} - {finished, marker}))
+    for name in sorted(names, key=lambda name: (name == finished, name == marker)):
+        os.replace(staging / name, target / name)
+
+
+def marker_text(description: str, entries) -> str:
+    """A marker file's content: one line saying what the folder is, then the entries the job wrote."""
+    return description.rstrip("\n") + "\n" + "".join(f"{name}\n" for name in entries)

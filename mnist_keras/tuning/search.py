@@ -64,7 +64,10 @@ logger = logging.getLogger(__name__)
 TRIALS_FILE = "trials.json"
 BEST_FILE = "best.json"  # Written last: its presence marks a finished search.
 BEST_RUN_DIR = "best"
-SEARCH_FOLDER = folders.FolderKind(noun="a search folder", markers=(artifacts.CONFIG_FILE, TUNER_DIR, BEST_FILE),
+# Written into every search folder this package creates; only such a folder is a search folder (a user's own
+# config.json or best/ does not make one).
+SEARCH_MARKER = ".mnist_keras_search"
+SEARCH_FOLDER = folders.FolderKind(noun="a search folder", markers=(SEARCH_MARKER,),
                                    finished=BEST_FILE, holds="a finished search")
 # What --overwrite removes from a search folder; anything else there is the user's and stays.
 SEARCH_ENTRIES = (artifacts.CONFIG_FILE, TUNER_DIR, TRIALS_FILE, BEST_FILE, BEST_RUN_DIR)
@@ -108,6 +111,9 @@ def prepare_search_dir(folder: Path, config: TuneConfig) -> bool:
     elif resuming:
         _check_same_search(folder, config)
     folders.make_folder(folder)
+    if not (folder / SEARCH_MARKER).exists():
+        artifacts.write_text(folder / SEARCH_MARKER, folders.marker_text(
+            "A search folder written by mnist_keras; --overwrite removes only these entries:", SEARCH_ENTRIES))
     artifacts.write_json(folder / artifacts.CONFIG_FILE, config_to_dict(config))
     return resuming
 
