@@ -61,8 +61,9 @@ class TrainConfig:
                                        "per collective for the whole timeout, so threads grow with steps per "
                                        "second times this value; --stall-timeout is the cheap bound.")
     overwrite: bool = option(False, "Replace an existing finished run in the output folder.")
-    export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel and "
-                          "every TFLite variant, each loaded back and scored on the test set.")
+    export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel, "
+                          "every TFLite variant and model.onnx (the onnx extra), each loaded back and scored on "
+                          "the test set.")
     dry_run: bool = option(False, "Train and evaluate on a few batches only, and write nothing.")
     verbose: int = option(1, "0: quiet, 1: progress bar per epoch.")
     recipe: str = option("default", archs.recipes_help, choices=archs.RECIPES)
@@ -124,6 +125,9 @@ class ExportConfig:
     seed: int = option(1, "Seed of the calibration sample.")
     data_source: str = data_source_option(" (calibration and scoring)")
     data_dir: Optional[str] = data_dir_option()
+    serving_version: int = option(1, "Version folder of the SavedModel: saved_model/<version>/, the layout "
+                                  "TensorFlow Serving reads a model base path in.")
+    onnx: bool = option(True, "Also write model.onnx, scored with onnxruntime (needs the onnx extra).")
     overwrite: bool = option(False, "Replace an existing export in the output folder.")
     verbose: int = option(1, "0: quiet, 1: log each step.")
 
@@ -139,6 +143,7 @@ class ExportConfig:
             raise ConfigError(f"--tflite names a variant twice. Received: {','.join(self.tflite)}")
         check_range("calibration_size", self.calibration_size, minimum=1)
         check_range("seed", self.seed, minimum=0)
+        check_range("serving_version", self.serving_version, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)

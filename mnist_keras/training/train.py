@@ -119,6 +119,8 @@ def run(
     writes = output_dir is not None and not config.dry_run
     if writes:
         artifacts.check_run_dir(output_dir, overwrite=config.overwrite)  # Errors first, before any start-up line.
+        if config.export:
+            export_lib.check_extras(ExportConfig())
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
