@@ -77,6 +77,9 @@ class TrainConfig:
                                     "one (reported losses stay plain cross-entropy). 0: off.")
     ema_momentum: float = option(0.0, "Keep an exponential moving average of the weights with this momentum "
                                  "per step (Keras' use_ema) and end training with the averaged weights. 0: off.")
+    profile_steps: str = option("", "Record a TensorFlow profiler trace of training steps A to B (1-based; whole "
+                                "--steps-per-execution groups) into <run folder>/logs/train, for TensorBoard's "
+                                "Profile tab (the profile extra). Default: none.", metavar="A,B")
     mixed_precision: bool = option(False, "Compute in 16-bit floats with float32 weights (mixed_float16 on GPU, "
                                    "mixed_bfloat16 on CPU); the softmax output stays float32.")
 
@@ -102,9 +105,23 @@ class TrainConfig:
         check_range("workers", self.workers, minimum=1)
         check_range("collective_timeout", self.collective_timeout, minimum=0.0)
         check_range("stall_timeout", self.stall_timeout, minimum=0.0)
+        self.profile_range  # noqa: B018  (checks --profile-steps)
         if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
             raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
                               f"Received: --strategy {self.strategy}")
+
+    @property
+    def profile_range(self) -> Optional[tuple[int, int]]:
+        """--profile-steps A,B as (A, B); None when not given."""
+        if not self.profile_steps:
+            return None
+        parts = self.profile_steps.split(",")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise ConfigError(f"--profile-steps must be two step numbers A,B. Received: {self.profile_steps!r}")
+        first, last = (int(part) for part in parts)
+        if not 1 <= first <= last:
+            raise ConfigError(f"--profile-steps must be A,B with 1 <= A <= B. Received: {self.profile_steps!r}")
+        return first, last
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ from mnist_keras.training import backup as backup_lib
 from mnist_keras.training import loop as loop_lib
 from mnist_keras.training import resources as resources_lib
 from mnist_keras.training import strategy as strategy_lib
+from mnist_keras.training import tensorboard as tensorboard_lib
 from mnist_keras.training import watchdog as watchdog_lib
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def stall_watchdog(config: TrainConfig, strategy: tf.distribute.Strategy,
 def run_callbacks(config: TrainConfig, strategy: tf.distribute.Strategy, data: data_lib.MnistData,
                   output_dir: Optional[Path | str], run_dir: Optional[Path],
                   backup: Optional[backup_lib.EpochBackup]) -> list:
-    """The package's own epoch callbacks: the backup, the resource log (every worker), TensorBoard (chief)."""
+    """The package's own callbacks: the backup, the resource log (every worker), TensorBoard (chief)."""
     callbacks: list = []
     if backup is not None:
         callbacks.append(backup)
@@ -190,7 +191,8 @@ def run_callbacks(config: TrainConfig, strategy: tf.distribute.Strategy, data: d
             Path(output_dir) / artifacts.LOGS_DIR / resources_lib.resources_file(strategy_lib.worker_index(strategy)),
             data_lib.steps_per_epoch(len(data.x_train), config.batch_size)))
     if run_dir is not None:
-        callbacks.append(EpochScalars(run_dir / artifacts.LOGS_DIR))
+        callbacks.append(tensorboard_lib.TensorBoardWriter(run_dir / artifacts.LOGS_DIR, config.steps_per_execution,
+                                                           config.profile_range))
     return callbacks
 
 
@@ -269,24 +271,3 @@ def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: d
     artifacts.write_json(run_dir / artifacts.METRICS_FILE, metrics)
     logger.info("Wrote %s", run_dir)
 
-
-class EpochScalars(keras.callbacks.Callback):
-    """Epoch scalars for TensorBoard (`tensorboard --logdir saved_models`): train/<metric>, validation/<metric>.
-
-    Not keras.callbacks.TensorBoard, which follows model.fit's own counters and writes graphs and
-    per-batch summaries this loop does not have.
-    """
-
-    def __init__(self, log_dir: Path) -> None:
-        super().__init__()
-        self.writer = tf.summary.create_file_writer(str(log_dir))
-
-    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
-        with self.writer.as_default(step=epoch + 1):
-            for name, value in (logs or {}).items():
-                split = "validation" if name.startswith("val_") else "train"
-                tf.summary.scalar(f"{split}/{name.removeprefix('val_')}", value)
-        self.writer.flush()
-
-    def on_train_end(self, logs: Optional[dict] = None) -> None:
-        self.writer.close()
