@@ -201,6 +201,11 @@ def _flag_arguments(field: dataclasses.Field, base: type, presets: Mapping[str, 
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
         return kwargs
+    if field.metadata.get("repeatable"):
+        kwargs["action"] = "append"
+        if field.metadata.get("metavar"):
+            kwargs["metavar"] = field.metadata["metavar"]
+        return kwargs
     kwargs["type"] = {tuple: _parse_tuple, float: _parse_finite_float}.get(base, base)
     if field.metadata.get("choices"):
         kwargs["choices"] = resolve(field.metadata["choices"])
@@ -225,9 +230,9 @@ def config_from_flags(
     given = {name: tuple(value) if _base_type(hints[name]) is tuple and value is not None else value
              for name, value in (base or {}).items()}
     given.update({
-        field.name: getattr(namespace, field.name)
+        field.name: tuple(value) if isinstance(value, list) else value  # a repeatable flag's values
         for field in dataclasses.fields(config_cls)
-        if getattr(namespace, field.name, None) is not None
+        if (value := getattr(namespace, field.name, None)) is not None
     })
     given.update(overrides)
     if presets is not None:

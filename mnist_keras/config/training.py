@@ -80,6 +80,13 @@ class TrainConfig:
     profile_steps: str = option("", "Record a TensorFlow profiler trace of training steps A to B (1-based; whole "
                                 "--steps-per-execution groups) into <run folder>/logs/train, for TensorBoard's "
                                 "Profile tab (the profile extra). Default: none.", metavar="A,B")
+    callback: tuple = option((), "A Keras callback to train with, as module:attribute (a keras.callbacks.Callback "
+                             "subclass or a function returning one; the module is imported from the current "
+                             "folder or sys.path). Repeatable; every worker runs it.", metavar="MODULE:ATTRIBUTE",
+                             repeatable=True)
+    deterministic: bool = option(False, "Make every TensorFlow op deterministic "
+                                 "(tf.config.experimental.enable_op_determinism): the same seed gives bit-identical "
+                                 "weights, on GPU too, at a cost in speed (docs/training.md).")
     mixed_precision: bool = option(False, "Compute in 16-bit floats with float32 weights (mixed_float16 on GPU, "
                                    "mixed_bfloat16 on CPU); the softmax output stays float32.")
 
@@ -106,6 +113,11 @@ class TrainConfig:
         check_range("collective_timeout", self.collective_timeout, minimum=0.0)
         check_range("stall_timeout", self.stall_timeout, minimum=0.0)
         self.profile_range  # noqa: B018  (checks --profile-steps)
+        for name in self.callback:
+            module, _, attribute = name.partition(":")
+            if not module or not attribute:
+                raise ConfigError(f"--callback must be module:attribute (e.g. my_callbacks:make_logger). "
+                                  f"Received: {name!r}")
         if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
             raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
                               f"Received: --strategy {self.strategy}")

@@ -34,6 +34,7 @@ from mnist_keras.export import exporter as export_lib
 from mnist_keras.models import builders
 from mnist_keras.storage import artifacts
 from mnist_keras.training import backup as backup_lib
+from mnist_keras.training import callbacks as callbacks_lib
 from mnist_keras.training import loop as loop_lib
 from mnist_keras.training import resources as resources_lib
 from mnist_keras.training import strategy as strategy_lib
@@ -109,7 +110,7 @@ def run(
 
     `callbacks`: `keras.callbacks.Callback`s (EarlyStopping, CSVLogger, ...) or
     `callable(epoch, logs)` functions, run after the backup and TensorBoard
-    callbacks, with Keras' logs (loss, accuracy, val_loss, val_accuracy) and
+    callbacks and after those `config.callback` names (--callback), with Keras' logs (loss, accuracy, val_loss, val_accuracy) and
     `model.stop_training` semantics. Under multi-worker training they run on
     every worker, which all see the same logs (so all stop at the same epoch);
     give each worker its own file paths (e.g. a CSVLogger's). `on_stall`: the
@@ -122,6 +123,10 @@ def run(
         artifacts.check_run_dir(output_dir, overwrite=config.overwrite)  # Errors first, before any start-up line.
         if config.export:
             export_lib.check_extras(ExportConfig())
+    # --callback: imported (and refused in one line) before any expensive work.
+    callbacks = [*callbacks_lib.load_callbacks(config.callback), *callbacks]
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()  # with the seeds set below: bit-identical runs
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
