@@ -169,7 +169,7 @@ def test_print_config_then_config_trains_the_same_run(tmp_path, capsys):
     from tests.helpers import make_folder
 
     make_folder(tmp_path / "data", train=96, test=32)
-    flags = ["--arch", "mlp_small", "--epochs", "2", "--batch-size", "32", "--validation-size", "32", "--seed", "5",
+    flags = ["--arch", "mlp_small", "--epochs", "1", "--batch-size", "32", "--validation-size", "32", "--seed", "5",
              "--learning-rate", "0.02", "--data-dir", str(tmp_path / "data"), "--verbose", "0"]
     assert cli.train_main([*flags, "--output-dir", str(tmp_path / "a"), "--print-config"]) == 0
     (tmp_path / "c.json").write_text(capsys.readouterr().out)
