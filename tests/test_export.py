@@ -67,6 +67,7 @@ def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_pro
         probabilities = runtimes.load_model(path).predict(tiny_mnist.x_test)
         assert record["accuracy"] == pytest.approx(np.mean(probabilities.argmax(1) == tiny_mnist.y_test)), name
         assert record["input"]["shape"] == [None, 28, 28] and record["output"]["shape"] == [None, 10], name
+        assert 0 < record["latency_ms"] < 1000 * record["score_seconds"] + 1000, name  # one image, in ms
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02, err_msg=name)
     artifacts_ = report["artifacts"]
     assert artifacts_["saved_model"]["input"] == {"name": "pixels", "dtype": "uint8", "shape": [None, 28, 28]}
@@ -174,7 +175,7 @@ def test_train_with_export_flag_exports_the_run(tmp_path, capsys):
                            "--export", "--verbose", "0"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert all(name in printed for name in ARTIFACT_NAMES), printed
+    assert all(name in printed for name in [*ARTIFACT_NAMES, "ms/image"]), printed
     report = json.loads((tmp_path / "run" / "export" / exporter.EXPORT_FILE).read_text())
     assert list(report["artifacts"]) == ARTIFACT_NAMES
     assert report["test_examples"] == 32

@@ -54,6 +54,8 @@ EXPORT = folders.FolderKind(noun="an export folder", markers=(EXPORT_FILE,), fin
                             holds="an export")
 # Images per representative-dataset step: the calibrator resizes the input to it.
 CALIBRATION_BATCH = 100
+# Single-image predictions timed per artifact for its latency in export.json and the table.
+LATENCY_RUNS = 30
 
 
 @dataclasses.dataclass
@@ -231,6 +233,7 @@ def artifact_record(loaded: runtimes.LoadedModel, images: np.ndarray, labels: np
         "accuracy": float(np.mean(predicted == labels)),
         "errors": int(np.sum(predicted != labels)),
         "score_seconds": round(seconds, 2),
+        "latency_ms": runtimes.latency_ms(loaded, images[:1], LATENCY_RUNS),
     }
     if reference is not None:
         record["argmax_agreement_with_keras"] = float(np.mean(predicted == reference.argmax(axis=1)))

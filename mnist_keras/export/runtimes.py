@@ -68,6 +68,22 @@ class LoadedModel:
         return f"LoadedModel({self.description})"
 
 
+def latency_ms(model: LoadedModel, image, runs: int = 30) -> float:
+    """Median milliseconds of one single-image prediction, after one warm-up: what a server answering one
+    request at a time sees (the benchmark measures it more carefully)."""
+    import time
+
+    import numpy as np
+
+    model.predict(image)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        model.predict(image)
+        times.append(time.perf_counter() - started)
+    return round(float(np.median(times)) * 1000, 3)
+
+
 def detect_format(path: os.PathLike | str) -> tuple[Path, str]:
     """(resolved path, format) of a .keras file, a SavedModel folder (or a base folder of its numbered
     versions: the highest), a .tflite or .onnx file, or a run folder."""
