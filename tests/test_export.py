@@ -262,3 +262,35 @@ def test_a_mixed_precision_model_exports_in_float32(tiny_mnist, tmp_path):
                                  tmp_path / "model.keras", tmp_path / "export", data=tiny_mnist)
     assert set(result.artifacts) == {"saved_model", "tflite_fp32", "tflite_int8"}
     assert abs(result.artifacts["tflite_fp32"]["accuracy"] - result.keras["accuracy"]) <= 0.02
+
+
+def test_every_loader_finds_the_versioned_saved_model(exported, tmp_path):
+    """TF Serving's layout, saved_model/<version>/: the base folder loads its highest version, and evaluating it
+    writes beside the base folder, not inside it (where TF Serving would look for versions)."""
+    import shutil
+
+    from mnist_keras.evaluation import evaluate
+
+    base = tmp_path / "saved_model"
+    shutil.copytree(exported.output_dir / "saved_model", base)
+    assert runtimes.detect_format(base) == (base / "1", "saved_model")
+    shutil.copytree(base / "1", base / "2")
+    (base / "notes").mkdir()  # not a version
+    loaded = runtimes.load_model(base)
+    assert (loaded.path, loaded.format, loaded.inputs["dtype"]) == (base / "2", "saved_model", "uint8")
+    assert evaluate.default_output_dir(base) == evaluate.default_output_dir(base / "2") == (
+        tmp_path / "evaluation-saved_model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(runtimes.InputFileError, match="not a SavedModel folder"):
+        runtimes.detect_format(tmp_path / "empty")
+
+
+@pytest.mark.slow  # integration: TensorFlow's own saved_model_cli, a fresh process
+def test_saved_model_cli_shows_the_serving_signature(exported):
+    cli_path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    result = subprocess.run([cli_path, "show", "--dir", str(exported.output_dir / "saved_model" / "1"), "--all"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr
+    signature = result.stdout.split("signature_def['serving_default']:", 1)[1].split("signature_def[", 1)[0]
+    assert "inputs['pixels'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28)" in signature
+    assert "outputs['probabilities'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 10)" in signature
