@@ -289,7 +289,8 @@ def test_every_loader_finds_the_versioned_saved_model(exported, tmp_path):
 def test_saved_model_cli_shows_the_serving_signature(exported):
     cli_path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     result = subprocess.run([cli_path, "show", "--dir", str(exported.output_dir / "saved_model" / "1"), "--all"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stderr
     signature = result.stdout.split("signature_def['serving_default']:", 1)[1].split("signature_def[", 1)[0]
     assert "inputs['pixels'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28)" in signature

@@ -199,7 +199,8 @@ class TrainingLoop:
             self.heartbeat()
             if callbacks is not None:
                 end(done - 1, running)
-                if training and self.model.stop_training:  # e.g. TerminateOnNaN: end the epoch here, as model.fit does
+                # e.g. TerminateOnNaN: end the epoch here, as model.fit does
+                if training and self.model.stop_training:
                     break
             if progbar is not None:  # fit finalizes the bar once, with the validation figures
                 progbar.update(done, values=list(running.items()), finalize=False)

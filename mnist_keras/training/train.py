@@ -110,8 +110,9 @@ def run(
 
     `callbacks`: `keras.callbacks.Callback`s (EarlyStopping, CSVLogger, ...) or
     `callable(epoch, logs)` functions, run after the backup and TensorBoard
-    callbacks and after those `config.callback` names (--callback), with Keras' logs (loss, accuracy, val_loss, val_accuracy) and
-    `model.stop_training` semantics. Under multi-worker training they run on
+    callbacks and those `config.callback` names (--callback), with Keras' logs
+    (loss, accuracy, val_loss, val_accuracy) and `model.stop_training`
+    semantics. Under multi-worker training they run on
     every worker, which all see the same logs (so all stop at the same epoch);
     give each worker its own file paths (e.g. a CSVLogger's). `on_stall`: the
     watchdog's action; the default logs one line and ends the process.
@@ -275,4 +276,3 @@ def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: d
     artifacts.write_json(run_dir / artifacts.HISTORY_FILE, history)
     artifacts.write_json(run_dir / artifacts.METRICS_FILE, metrics)
     logger.info("Wrote %s", run_dir)
-
