@@ -95,8 +95,9 @@ def _exit_stalled(prog: str, timeout: float) -> None:
 
 
 def export(config, call: Call) -> int:
-    """Export a trained model beside it (export/): a SavedModel and TFLite files (fp32, dynamic, float16, int8),
-    each loaded back and scored on the test set; sizes and accuracies go to export/export.json."""
+    """Export a trained model beside it (export/): a SavedModel in TF Serving's saved_model/<version>/ layout,
+    TFLite files (fp32, dynamic, float16, int8) and model.onnx, each loaded back and scored on the test set;
+    sizes, accuracies and latencies go to export/export.json."""
     console.import_tensorflow()
     from mnist_keras.export import exporter as export_lib
     from mnist_keras.storage import artifacts

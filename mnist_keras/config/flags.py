@@ -194,7 +194,7 @@ def _flag_arguments(field: dataclasses.Field, base: type, presets: Mapping[str, 
         # A flag that any preset sets shows every arch's default (the class default where a preset is silent).
         shown = ", ".join(f"{arch} {values.get(field.name, field.default)}" for arch, values in presets.items())
         help_text += f" (default: {shown})"
-    elif base is not bool and field.default not in (None, ()):
+    elif base is not bool and field.default not in (None, (), ""):
         shown = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
         help_text += f" (default: {shown})"
     kwargs: dict = {"default": None, "help": help_text, "dest": field.name}
