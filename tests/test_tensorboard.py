@@ -1,6 +1,9 @@
 """TensorBoard logs as Keras writes them, read back with TensorBoard's own reader: train and validation runs,
 loss, accuracy and learning rate per epoch, train scalars per group of steps, the graph, and a profile."""
 
+import os
+import types
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -76,6 +79,19 @@ def test_profile_steps_write_a_trace_the_profile_plugin_finds(logged_run):
     assert len(sessions) == 1
     traces = list(sessions[0].glob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000
+    # And the plugin itself (the profile extra, in dev) lists the run and the tools it offers for it.
+    try:
+        from tensorboard_plugin_profile import profile_plugin
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("tensorboard-plugin-profile (the profile extra) is not installed")
+    context = types.SimpleNamespace(logdir=str(logged_run[0]), data_provider=None,
+                                    flags=types.SimpleNamespace(master_tpu_unsecure_channel=""))
+    plugin = profile_plugin.ProfilePlugin(context)
+    run = f"train/{sessions[0].name}"
+    assert list(plugin.generate_runs()) == [run]
+    assert {"trace_viewer@", "op_profile", "overview_page"} <= set(plugin.run_tools_imp(run))
 
 
 @pytest.mark.parametrize("value", ["5", "10,5", "0,3", "a,b", "1,2,3"])
