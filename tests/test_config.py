@@ -123,6 +123,8 @@ def _config_error(tmp_path, capsys, content, *args):
     ('{"seed": 1' + "0" * 30 + '}', ["'seed'", "64 bits"]),
     ('{"seed": 1' + "0" * 5000 + '}', ["not valid JSON"]),
     ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", ["nested too deeply"]),
+    # About as deep as the decoder goes: either too deep, or a wrong type shown without recursing.
+    ('{"devices": ' + "[" * 990 + "]" * 990 + "}", ["c.json"]),
     ("[1, 2]", ["expected a JSON object"]),
     (b"\xff\xfe{}", ["not valid JSON"]),
     (" " * (config_lib.flags.CONFIG_FILE_MAX_BYTES + 1), ["larger than 1,048,576 bytes"]),

@@ -156,7 +156,10 @@ def _checked_value(path: str, key: str, value: Any, hint: Any) -> Any:
     }.get(base, False)
     if not ok:
         expected = _JSON_TYPE_NAMES.get(base, getattr(base, "__name__", str(base)))
-        shown = json.dumps(value)
+        try:
+            shown = json.dumps(value)
+        except RecursionError:  # a list nested nearly as deep as the decoder allows
+            shown = f"a nested {type(value).__name__}"
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise ConfigError(f"--config {path}: {key!r} ({flag_name(key)}) must be {expected}"
                           f"{' or null' if _is_optional(hint) else ''}. Received: {shown}")
