@@ -16,6 +16,10 @@ EXTRAS = {
     # Its browser test also needs Playwright and a Chromium: Debian's `chromium`
     # package (.ci/run installs it with apt-get; Playwright's own download is not used).
     "browser": ["starlette>=0.40", "uvicorn>=0.30", "playwright>=1.65"],
+    # ONNX export (tf2onnx, which Keras' own model.export(format="onnx") uses) and running .onnx files.
+    "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
+    # TensorBoard's Profile tab, for the traces train.py --profile-steps records.
+    "profile": ["tensorboard-plugin-profile>=2.20"],
 }
 # Everything but the GPU build: CI and the tests run on CPU.
 EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items() if name != "gpu"

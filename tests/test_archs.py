@@ -67,7 +67,7 @@ def test_a_fourth_architecture_trains_tunes_exports_and_evaluates(tiny_arch, tin
     assert search.trials[0]["seed_configuration"]
     assert json.loads((search.output_dir / "best" / "metrics.json").read_text())["hyperparameters"] == {"width": WIDTH}
 
-    exported = exporter.export_model(config_lib.ExportConfig(arch="tiny", tflite=("fp32",), verbose=0),
+    exported = exporter.export_model(config_lib.ExportConfig(arch="tiny", tflite=("fp32",), onnx=False, verbose=0),
                                    tmp_path / "run", tmp_path / "run" / "export", data=tiny_mnist)
     assert set(exported.artifacts) == {"saved_model", "tflite_fp32"}
     assert exported.artifacts["tflite_fp32"]["accuracy"] == pytest.approx(exported.keras["accuracy"], abs=0.01)

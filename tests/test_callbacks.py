@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mnist_keras import cli
 from mnist_keras.config import TrainConfig
 from mnist_keras.training import launch, train
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, TRAIN, assert_one_line_error, env_with, make_folder, run_main
+from tests.hooked import callbacks as hooked_callbacks
 
 EPOCHS = 5
 
@@ -117,3 +119,53 @@ def test_early_stopping_and_csv_logger_under_two_workers(tmp_path):
     assert [[line for line in tail if line.startswith("EPOCHS")] for tail in result.tails] == [["EPOCHS 2 2"]] * 2
     for index in (0, 1):
         assert_csv_log(tmp_path / f"log{index}.csv", 2)
+
+
+# -- validation hooks and --callback --------------------------------------------------------------------------
+
+
+def test_validation_fires_the_test_hooks_once_per_epoch(tmp_path, capsys):
+    """`--callback module:Class` from the command line; validation calls on_test_begin/end (and the batch hooks,
+    once per group of steps) before each epoch's end, with unprefixed logs as Keras' own validation has them."""
+    hooked_callbacks.HookCounter.last = None
+    make_folder(tmp_path / "data", train=96, test=32)
+    result = run_main(cli.train_main, "--arch", "mlp_small", "--epochs", "2", "--batch-size", "16",
+                      "--validation-size", "32", "--steps-per-execution", "1", "--data-dir", tmp_path / "data",
+                      "--output-dir", tmp_path / "run", "--verbose", "0",
+                      "--callback", "tests.hooked.callbacks:HookCounter", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    # 32 validation images, batch 16, one step per call: two batch hooks per validation.
+    validation = [("test_begin",), ("test_batch_end", 0), ("test_batch_end", 1), ("test_end", ["accuracy", "loss"])]
+    assert hooked_callbacks.HookCounter.last.calls == [*validation, ("epoch_end", 0), *validation, ("epoch_end", 1)]
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("tests.hooked.callbacks", "must be module:attribute"),
+    ("no_such_module_here:make", "cannot import no_such_module_here"),
+    ("tests.hooked.callbacks:missing", "has no 'missing'"),
+    ("tests.hooked.callbacks:NOT_A_CALLBACK", "Received: int"),
+    ("tests.hooked.callbacks:returns_a_string", "returned no keras.callbacks.Callback"),
+])
+def test_bad_callback_names_are_one_line(name, fragment, tmp_path, capsys):
+    result = run_main(cli.train_main, "--callback", name, "--output-dir", tmp_path / "run", "--data-dir", tmp_path,
+                      capsys=capsys)
+    assert_one_line_error(result, "--callback", fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # several processes, each paying a TensorFlow import
+def test_callback_factory_runs_on_every_worker(tmp_path):
+    """`train.py --workers 2 --callback module:factory`: the flag travels with the command line each worker
+    re-runs, so each worker's factory makes its own CSVLogger."""
+    import subprocess
+
+    make_folder(tmp_path / "data", train=96, test=32)
+    result = subprocess.run(
+        [sys.executable, TRAIN, "--arch", "mlp_small", "--epochs", "2", "--batch-size", "16", "--validation-size",
+         "32", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--verbose", "0",
+         "--workers", "2", "--callback", "tests.hooked.callbacks:csv_logger"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=env_with(**{hooked_callbacks.CSV_DIR_ENV: str(tmp_path)}))
+    assert result.returncode == 0, result.stderr
+    for index in (0, 1):
+        assert_csv_log(tmp_path / f"log-{index}.csv", 2)

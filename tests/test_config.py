@@ -88,3 +88,122 @@ def test_results_seeds_accept_ranges_and_lists(text, seeds):
 def test_bad_results_values_name_the_flag(overrides, flag):
     with pytest.raises(ConfigError, match=f"{flag} must .* Received"):
         config_lib.ResultsConfig(**overrides)
+
+
+# -- --config files: every bad file is one line, exit 2; --print-config reads back ----------------------------
+
+
+def _config_error(tmp_path, capsys, content, *args):
+    from mnist_keras import cli
+    from tests.helpers import assert_one_line_error, run_main
+
+    path = tmp_path / "c.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    result = run_main(cli.train_main, "--config", path, *args, capsys=capsys)
+    assert_one_line_error(result, "--config")
+    return result.stderr
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ('{"learning_rat": 0.1}', ["unknown setting 'learning_rat'", "did you mean 'learning_rate'"]),
+    ('{"epocs": 3}', ["'epocs'", "did you mean 'epochs'"]),
+    ('{"epochs": "ten"}', ["'epochs'", "--epochs", "must be an integer", 'Received: "ten"']),
+    ('{"seed": "abc"}', ["'seed'", "must be an integer", 'Received: "abc"']),
+    ('{"epochs": true}', ["'epochs'", "must be an integer"]),
+    ('{"epochs": 2.5}', ["'epochs'", "must be an integer"]),
+    ('{"learning_rate": "fast"}', ["'learning_rate'", "must be a number"]),
+    ('{"learning_rate": NaN}', ["'learning_rate'", "finite"]),
+    ('{"export": "yes"}', ["'export'", "true or false"]),
+    ('{"devices": "/cpu:0"}', ["'devices'", "a list of strings"]),
+    ('{"devices": [["/cpu:0"]]}', ["'devices'", "a list of strings"]),
+    ('{"arch": {"name": "cnn"}}', ["'arch'", "must be a string"]),
+    ('{"seed": 1' + "0" * 30 + '}', ["'seed'", "64 bits"]),
+    ('{"seed": 1' + "0" * 5000 + '}', ["not valid JSON"]),
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", ["nested too deeply"]),
+    # About as deep as the decoder goes: either too deep, or a wrong type shown without recursing.
+    ('{"devices": ' + "[" * 990 + "]" * 990 + "}", ["c.json"]),
+    ("[1, 2]", ["expected a JSON object"]),
+    (b"\xff\xfe{}", ["not valid JSON"]),
+    (" " * (config_lib.flags.CONFIG_FILE_MAX_BYTES + 1), ["larger than 1,048,576 bytes"]),
+], ids=lambda value: value[:16] if isinstance(value, str) else None)
+def test_bad_config_files_are_one_line_naming_the_key(tmp_path, capsys, content, fragments):
+    error = _config_error(tmp_path, capsys, content)
+    for fragment in fragments:
+        assert fragment in error, error
+
+
+def test_config_file_that_is_not_a_regular_file_is_refused_unread(tmp_path, capsys):
+    import os
+
+    from mnist_keras import cli
+    from tests.helpers import assert_one_line_error, run_main
+
+    os.mkfifo(tmp_path / "fifo")  # no writer: opening it for reading the usual way would wait forever
+    (tmp_path / "zero.json").symlink_to("/dev/zero")  # reading it to the end would exhaust memory
+    for path in ("/dev/zero", tmp_path / "zero.json", tmp_path / "fifo"):
+        assert_one_line_error(run_main(cli.train_main, "--config", path, capsys=capsys), "not a regular file")
+    assert_one_line_error(run_main(cli.train_main, "--config", tmp_path, capsys=capsys), "is a folder")
+
+
+@pytest.mark.parametrize("command", ["train", "export", "tune", "evaluate", "predict", "serve", "benchmark",
+                                     "results"])
+def test_print_config_reads_back_unchanged(command, tmp_path, capsys):
+    from mnist_keras import cli
+
+    main = getattr(cli, f"{command}_main")
+    images = ["digit.png"] if command == "predict" else []
+    assert main([*images, "--seed", "4", "--print-config"] if command in ("train", "export", "tune", "benchmark")
+                else [*images, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "c.json").write_text(printed)
+    assert main([*images, "--config", str(tmp_path / "c.json"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_print_config_then_config_trains_the_same_run(tmp_path, capsys):
+    """`train.py FLAGS --print-config > c.json; train.py --config c.json`: the same run, the same test accuracy."""
+    import json
+
+    from mnist_keras import cli
+    from tests.helpers import make_folder
+
+    make_folder(tmp_path / "data", train=96, test=32)
+    flags = ["--arch", "mlp_small", "--epochs", "1", "--batch-size", "32", "--validation-size", "32", "--seed", "5",
+             "--learning-rate", "0.02", "--data-dir", str(tmp_path / "data"), "--verbose", "0"]
+    assert cli.train_main([*flags, "--output-dir", str(tmp_path / "a"), "--print-config"]) == 0
+    (tmp_path / "c.json").write_text(capsys.readouterr().out)
+    assert not (tmp_path / "a").exists()  # printing runs nothing
+    assert cli.train_main([*flags, "--output-dir", str(tmp_path / "a")]) == 0
+    assert cli.train_main(["--config", str(tmp_path / "c.json"), "--output-dir", str(tmp_path / "b")]) == 0
+    first, second = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in "ab")
+    assert (second["test_accuracy"], second["test_loss"], second["seed"]) == (
+        first["test_accuracy"], first["test_loss"], 5)
+    written = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert {**written, "output_dir": None} == {**json.loads((tmp_path / "c.json").read_text()), "output_dir": None}
+
+
+def test_config_file_reading_stops_at_the_cap(tmp_path):
+    """A 4 GB (sparse) file under a 1 GB address-space limit: read whole, it would fail with MemoryError."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from tests.helpers import env_with
+
+    big = tmp_path / "big.json"
+    with open(big, "wb") as handle:
+        handle.truncate(4 << 30)
+    script = ("from mnist_keras import config\n"
+              "try:\n"
+              f"    config.read_config_file({str(big)!r}, config.TrainConfig)\n"
+              "except config.UsageError as error:\n"
+              "    print(error)\n")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # noqa: E731
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env_with(),
+                            preexec_fn=limit, timeout=60)
+    assert result.returncode == 0 and "larger than 1,048,576 bytes" in result.stdout, result.stderr
+    assert os.path.getsize(big) == 4 << 30

@@ -26,6 +26,7 @@ from mnist_keras.storage import artifacts
 from tests.helpers import assert_one_line_error, make_folder, run_main, run_script
 
 TFLITE_NAMES = [f"tflite_{variant}" for variant in config_lib.TFLITE_VARIANTS]
+ARTIFACT_NAMES = ["saved_model", *TFLITE_NAMES, "onnx"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def keras_probabilities(tiny_model_path, tiny_mnist):
 def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_probabilities):
     folder = exported.output_dir
     report = json.loads((folder / exporter.EXPORT_FILE).read_text())
-    assert list(report["artifacts"]) == ["saved_model", *TFLITE_NAMES]
+    assert list(report["artifacts"]) == ARTIFACT_NAMES
     assert report["test_examples"] == len(tiny_mnist.x_test)
     assert json.loads((folder / exporter.EXPORT_CONFIG_FILE).read_text())["tflite"] == list(
         config_lib.TFLITE_VARIANTS)
@@ -66,10 +67,15 @@ def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_pro
         probabilities = runtimes.load_model(path).predict(tiny_mnist.x_test)
         assert record["accuracy"] == pytest.approx(np.mean(probabilities.argmax(1) == tiny_mnist.y_test)), name
         assert record["input"]["shape"] == [None, 28, 28] and record["output"]["shape"] == [None, 10], name
+        assert 0 < record["latency_ms"] < 1000 * record["score_seconds"] + 1000, name  # one image, in ms
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=0.02, err_msg=name)
     artifacts_ = report["artifacts"]
     assert artifacts_["saved_model"]["input"] == {"name": "pixels", "dtype": "uint8", "shape": [None, 28, 28]}
     assert artifacts_["saved_model"]["output"]["name"] == "probabilities"
+    assert artifacts_["saved_model"]["path"] == "saved_model/1"  # TF Serving's <base>/<version>/ layout
+    assert artifacts_["onnx"]["path"] == "model.onnx" and artifacts_["onnx"]["format"] == "onnx"
+    assert artifacts_["onnx"]["input"] == {"name": "pixels", "dtype": "float32", "shape": [None, 28, 28]}
+    assert artifacts_["onnx"]["max_abs_difference_from_keras"] <= 1e-5
     assert artifacts_["tflite_int8"]["input"]["dtype"] == "int8"
     assert artifacts_["tflite_int8"]["output"]["dtype"] == "int8"
     assert artifacts_["tflite_fp32"]["input"]["dtype"] == "float32"
@@ -92,7 +98,7 @@ def test_saved_model_reloads_with_tensorflow_alone(exported, tiny_mnist, keras_p
         import sys
         import numpy as np
         import tensorflow as tf
-        serving = tf.saved_model.load({str(exported.output_dir / exporter.SAVED_MODEL_DIR)!r}).signatures[
+        serving = tf.saved_model.load({str(exported.output_dir / "saved_model" / "1")!r}).signatures[
             "serving_default"]
         spec = serving.structured_input_signature[1]["pixels"]
         assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28], spec
@@ -119,7 +125,7 @@ def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_mod
     replaced = exporter.export_model(dataclasses.replace(config, overwrite=True), tiny_model_path, folder,
                                    data=tiny_mnist)
     assert sorted(p.name for p in folder.iterdir()) == [
-        exporter.EXPORT_MARKER, "export.json", "export_config.json", "model_int8.tflite", "saved_model"]
+        exporter.EXPORT_MARKER, "export.json", "export_config.json", "model.onnx", "model_int8.tflite", "saved_model"]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["export", "model.keras"]
     record = replaced.artifacts["tflite_int8"]
     assert record["input"]["dtype"] == "uint8" and record["output"]["dtype"] == "uint8"
@@ -169,9 +175,9 @@ def test_train_with_export_flag_exports_the_run(tmp_path, capsys):
                            "--export", "--verbose", "0"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert all(name in printed for name in ["saved_model", *TFLITE_NAMES]), printed
+    assert all(name in printed for name in [*ARTIFACT_NAMES, "ms/image"]), printed
     report = json.loads((tmp_path / "run" / "export" / exporter.EXPORT_FILE).read_text())
-    assert list(report["artifacts"]) == ["saved_model", *TFLITE_NAMES]
+    assert list(report["artifacts"]) == ARTIFACT_NAMES
     assert report["test_examples"] == 32
     assert report["calibration_examples"] == 64  # All the run's training images (96 - 32 validation).
     metrics = json.loads((tmp_path / "run" / artifacts.METRICS_FILE).read_text())
@@ -241,6 +247,8 @@ def test_export_of_the_real_cnn_meets_the_bounds(trained_run_dirs, real_mnist, t
         assert keras_accuracy - records[f"tflite_{variant}"]["accuracy"] <= 0.001, variant
     assert keras_accuracy - records["tflite_int8"]["accuracy"] <= 0.003
     assert records["tflite_int8"]["bytes"] <= 30_000
+    assert abs(records["onnx"]["accuracy"] - keras_accuracy) <= 0.0005  # within 0.05 points
+    assert records["onnx"]["bytes"] <= 120_000
 
 
 @pytest.mark.slow  # time only (two conversions); the benchmark's mixed-precision export test is fast
@@ -250,7 +258,40 @@ def test_a_mixed_precision_model_exports_in_float32(tiny_mnist, tmp_path):
     with builders.dtype_policy("mixed_bfloat16"):
         mixed = builders.build_model("mlp_small")
     artifacts.save_keras_model(mixed, tmp_path / "model.keras")
-    result = exporter.export_model(config_lib.ExportConfig(tflite=("fp32", "int8"), verbose=0),
+    result = exporter.export_model(config_lib.ExportConfig(tflite=("fp32", "int8"), onnx=False, verbose=0),
                                  tmp_path / "model.keras", tmp_path / "export", data=tiny_mnist)
     assert set(result.artifacts) == {"saved_model", "tflite_fp32", "tflite_int8"}
     assert abs(result.artifacts["tflite_fp32"]["accuracy"] - result.keras["accuracy"]) <= 0.02
+
+
+def test_every_loader_finds_the_versioned_saved_model(exported, tmp_path):
+    """TF Serving's layout, saved_model/<version>/: the base folder loads its highest version, and evaluating it
+    writes beside the base folder, not inside it (where TF Serving would look for versions)."""
+    import shutil
+
+    from mnist_keras.evaluation import evaluate
+
+    base = tmp_path / "saved_model"
+    shutil.copytree(exported.output_dir / "saved_model", base)
+    assert runtimes.detect_format(base) == (base / "1", "saved_model")
+    shutil.copytree(base / "1", base / "2")
+    (base / "notes").mkdir()  # not a version
+    loaded = runtimes.load_model(base)
+    assert (loaded.path, loaded.format, loaded.inputs["dtype"]) == (base / "2", "saved_model", "uint8")
+    assert evaluate.default_output_dir(base) == evaluate.default_output_dir(base / "2") == (
+        tmp_path / "evaluation-saved_model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(runtimes.InputFileError, match="not a SavedModel folder"):
+        runtimes.detect_format(tmp_path / "empty")
+
+
+@pytest.mark.slow  # integration: TensorFlow's own saved_model_cli, a fresh process
+def test_saved_model_cli_shows_the_serving_signature(exported):
+    cli_path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    result = subprocess.run([cli_path, "show", "--dir", str(exported.output_dir / "saved_model" / "1"), "--all"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr
+    signature = result.stdout.split("signature_def['serving_default']:", 1)[1].split("signature_def[", 1)[0]
+    assert "inputs['pixels'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28)" in signature
+    assert "outputs['probabilities'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 10)" in signature

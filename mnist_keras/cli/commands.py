@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -113,6 +114,9 @@ def _add_general_flags(command_parser: argparse.ArgumentParser) -> None:
     general.add_argument("--config", metavar="FILE", default=None,
                          help="Take every setting from a config.json this command wrote (e.g. a run folder's); "
                               "flags given explicitly still win, and --overwrite is never taken from it.")
+    general.add_argument("--print-config", action="store_true",
+                         help="Print the resolved settings as JSON (what --config reads back) and exit "
+                              "without running.")
     general.add_argument("--log-level", choices=console.LOG_LEVELS, default="info",
                          help="info: this package's own lines; debug: also TensorFlow's and other libraries' "
                               "(default: info).")
@@ -146,6 +150,9 @@ def _entry_point(name: str) -> Callable[[Optional[Sequence[str]]], int]:
             if command.images:
                 args.images = tuple(args.images)
             config = _config(command.config_cls, args, command.presets() if command.presets else None)
+            if args.print_config:
+                print(json.dumps(config_lib.config_to_dict(config), indent=2))
+                return 0
             return command.job(config, jobs.Call(prog, None if argv is None else list(argv)))
         except SystemExit as exit_:  # --help, --version, a bad flag
             return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
@@ -194,17 +201,8 @@ def _config(config_cls: type, args: argparse.Namespace, presets=None):
 
 
 def _config_file_values(path: str, config_cls: type) -> dict:
-    from mnist_keras.storage import artifacts
-
-    values = artifacts.read_json(path)
-    if not isinstance(values, dict):
-        raise config_lib.ConfigError(f"--config {path}: expected a JSON object of settings. "
-                                     f"Received: {type(values).__name__}")
-    fields = {field.name for field in dataclasses.fields(config_cls)} - set(_NOT_FROM_CONFIG_FILE)
-    known = {name: value for name, value in values.items() if name in fields}
-    if not known:
-        raise config_lib.ConfigError(f"--config {path}: no setting of this command in it")
-    return known
+    """The file's settings, each checked (unknown keys and wrong types are one-line errors)."""
+    return config_lib.read_config_file(path, config_cls, ignored=_NOT_FROM_CONFIG_FILE)
 
 
 # The console scripts (setup.py) and scripts/*.py.

@@ -95,8 +95,9 @@ def _exit_stalled(prog: str, timeout: float) -> None:
 
 
 def export(config, call: Call) -> int:
-    """Export a trained model beside it (export/): a SavedModel and TFLite files (fp32, dynamic, float16, int8),
-    each loaded back and scored on the test set; sizes and accuracies go to export/export.json."""
+    """Export a trained model beside it (export/): a SavedModel in TF Serving's saved_model/<version>/ layout,
+    TFLite files (fp32, dynamic, float16, int8) and model.onnx, each loaded back and scored on the test set;
+    sizes, accuracies and latencies go to export/export.json."""
     console.import_tensorflow()
     from mnist_keras.export import exporter as export_lib
     from mnist_keras.storage import artifacts
@@ -109,12 +110,15 @@ def export(config, call: Call) -> int:
 
 def _print_export_table(result) -> None:
     keras_input = f"float32 [None,{','.join(map(str, IMAGE_SHAPE))}]"
-    rows = [("keras", f"{result.keras['bytes']:,}", keras_input, f"{result.keras['accuracy']:.4f}", "")]
+    rows = [("keras", f"{result.keras['bytes']:,}", keras_input, f"{result.keras['accuracy']:.4f}", "",
+             f"{result.keras['latency_ms']:.2f}")]
     for name, record in result.artifacts.items():
         shape = ",".join("None" if d is None else str(d) for d in record["input"]["shape"])
         rows.append((name, f"{record['bytes']:,}", f"{record['input']['dtype']} [{shape}]",
-                     f"{record['accuracy']:.4f}", f"{record['accuracy_change_points']:+.2f}p"))
-    print(tables.format_table(("artifact", "bytes", "input", "accuracy", "change"), rows, align="lrlrr"))
+                     f"{record['accuracy']:.4f}", f"{record['accuracy_change_points']:+.2f}p",
+                     f"{record['latency_ms']:.2f}"))
+    print(tables.format_table(("artifact", "bytes", "input", "accuracy", "change", "ms/image"), rows,
+                              align="lrlrrr"))
     print(f"Saved to {result.output_dir}")
 
 

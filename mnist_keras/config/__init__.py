@@ -36,6 +36,7 @@ from mnist_keras.config.flags import (  # noqa: F401
     config_from_flags,
     config_to_dict,
     preset_config,
+    read_config_file,
     train_config,
 )
 from mnist_keras.config.tools import (  # noqa: F401
@@ -47,4 +48,4 @@ from mnist_keras.config.tools import (  # noqa: F401
     parse_seeds,
 )
 from mnist_keras.config.training import ExportConfig, TrainConfig, TuneConfig  # noqa: F401
-from mnist_keras.errors import ConfigError  # noqa: F401
+from mnist_keras.errors import ConfigError, UsageError  # noqa: F401

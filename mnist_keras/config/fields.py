@@ -31,9 +31,11 @@ Text = Union[str, Callable[[], str]]
 Choices = Union[tuple, Callable[[], tuple], None]
 
 
-def option(default: Any, help: Text, choices: Choices = None, metavar: Optional[str] = None):
-    """A dataclass field that carries its CLI help text and choices (either may be a callable)."""
-    metadata = {"help": help, "choices": choices, "metavar": metavar}
+def option(default: Any, help: Text, choices: Choices = None, metavar: Optional[str] = None,
+           repeatable: bool = False):
+    """A dataclass field that carries its CLI help text and choices (either may be a callable). A `repeatable`
+    tuple field's flag is given once per value (`--callback a:b --callback c:d`)."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "repeatable": repeatable}
     if isinstance(default, (list, dict, set)):
         raise TypeError("Use a tuple for sequence defaults; configs are frozen.")
     return dataclasses.field(default=default, metadata=metadata)

@@ -61,8 +61,9 @@ class TrainConfig:
                                        "per collective for the whole timeout, so threads grow with steps per "
                                        "second times this value; --stall-timeout is the cheap bound.")
     overwrite: bool = option(False, "Replace an existing finished run in the output folder.")
-    export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel and "
-                          "every TFLite variant, each loaded back and scored on the test set.")
+    export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel, "
+                          "every TFLite variant and model.onnx (the onnx extra), each loaded back and scored on "
+                          "the test set.")
     dry_run: bool = option(False, "Train and evaluate on a few batches only, and write nothing.")
     verbose: int = option(1, "0: quiet, 1: progress bar per epoch.")
     recipe: str = option("default", archs.recipes_help, choices=archs.RECIPES)
@@ -76,6 +77,16 @@ class TrainConfig:
                                     "one (reported losses stay plain cross-entropy). 0: off.")
     ema_momentum: float = option(0.0, "Keep an exponential moving average of the weights with this momentum "
                                  "per step (Keras' use_ema) and end training with the averaged weights. 0: off.")
+    profile_steps: str = option("", "Record a TensorFlow profiler trace of training steps A to B (1-based; whole "
+                                "--steps-per-execution groups) into <run folder>/logs/train, for TensorBoard's "
+                                "Profile tab (the profile extra). Default: none.", metavar="A,B")
+    callback: tuple = option((), "A Keras callback to train with, as module:attribute (a keras.callbacks.Callback "
+                             "subclass or a function returning one; the module is imported from the current "
+                             "folder or sys.path). Repeatable; every worker runs it.", metavar="MODULE:ATTRIBUTE",
+                             repeatable=True)
+    deterministic: bool = option(False, "Make every TensorFlow op deterministic "
+                                 "(tf.config.experimental.enable_op_determinism): the same seed gives bit-identical "
+                                 "weights, on GPU too, at a cost in speed (docs/training.md).")
     mixed_precision: bool = option(False, "Compute in 16-bit floats with float32 weights (mixed_float16 on GPU, "
                                    "mixed_bfloat16 on CPU); the softmax output stays float32.")
 
@@ -101,9 +112,28 @@ class TrainConfig:
         check_range("workers", self.workers, minimum=1)
         check_range("collective_timeout", self.collective_timeout, minimum=0.0)
         check_range("stall_timeout", self.stall_timeout, minimum=0.0)
+        self.profile_range  # noqa: B018  (checks --profile-steps)
+        for name in self.callback:
+            module, _, attribute = name.partition(":")
+            if not module or not attribute:
+                raise ConfigError(f"--callback must be module:attribute (e.g. my_callbacks:make_logger). "
+                                  f"Received: {name!r}")
         if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
             raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
                               f"Received: --strategy {self.strategy}")
+
+    @property
+    def profile_range(self) -> Optional[tuple[int, int]]:
+        """--profile-steps A,B as (A, B); None when not given."""
+        if not self.profile_steps:
+            return None
+        parts = self.profile_steps.split(",")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise ConfigError(f"--profile-steps must be two step numbers A,B. Received: {self.profile_steps!r}")
+        first, last = (int(part) for part in parts)
+        if not 1 <= first <= last:
+            raise ConfigError(f"--profile-steps must be A,B with 1 <= A <= B. Received: {self.profile_steps!r}")
+        return first, last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +154,10 @@ class ExportConfig:
     seed: int = option(1, "Seed of the calibration sample.")
     data_source: str = data_source_option(" (calibration and scoring)")
     data_dir: Optional[str] = data_dir_option()
+    serving_version: int = option(1, "Version folder of the SavedModel: saved_model/<version>/, the layout "
+                                  "TensorFlow Serving reads a model base path in.")
+    onnx: bool = option(True, "Also write model.onnx, scored with onnxruntime (needs the onnx extra; "
+                            "default: on, --no-onnx skips it).")
     overwrite: bool = option(False, "Replace an existing export in the output folder.")
     verbose: int = option(1, "0: quiet, 1: log each step.")
 
@@ -139,6 +173,7 @@ class ExportConfig:
             raise ConfigError(f"--tflite names a variant twice. Received: {','.join(self.tflite)}")
         check_range("calibration_size", self.calibration_size, minimum=1)
         check_range("seed", self.seed, minimum=0)
+        check_range("serving_version", self.serving_version, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,6 +132,8 @@ def default_output_dir(model_path: os.PathLike | str) -> Path:
     path, format = runtimes.detect_format(model_path)
     if format == "keras":
         return path.parent / artifacts.EVALUATION_DIR
+    if format == "saved_model" and path.name.isdigit():  # saved_model/<version>/: beside the base folder
+        path = path.parent
     return path.parent / f"evaluation-{path.name.replace('.', '_')}"
 
 

@@ -2,15 +2,17 @@
 
 `export_model(config, model_path, output_dir)` writes into `output_dir`:
 
-- `saved_model/`: a TensorFlow SavedModel whose `serving_default` signature
-  takes `pixels`, uint8 [None, 28, 28] raw pixels, and returns `probabilities`,
-  float32 [None, 10];
+- `saved_model/<version>/` (`config.serving_version`, 1 by default; the layout
+  TF Serving reads a model base path in): a TensorFlow SavedModel whose
+  `serving_default` signature takes `pixels`, uint8 [None, 28, 28] raw pixels,
+  and returns `probabilities`, float32 [None, 10];
+- `model.onnx` (`config.onnx`, the `onnx` extra): the same model for onnxruntime;
 - `model_<variant>.tflite` for each of `config.tflite`: fp32, dynamic (int8
   weights), float16 (float16 weights), int8 (full-integer, calibrated on
   training images);
 - `export.json`: per artifact its path, size, input/output tensors and its
   accuracy on the test set, measured by loading the artifact back
-  (`runtimes.load_model`: `tf.saved_model.load`, LiteRT's Interpreter);
+  (`runtimes.load_model`: `tf.saved_model.load`, LiteRT's Interpreter, onnxruntime);
 - `export_config.json`: the resolved `ExportConfig`.
 
 The folder is built beside the target under a temporary name and renamed into
@@ -37,6 +39,7 @@ from mnist_keras import console, errors
 from mnist_keras.config import ExportConfig, config_to_dict
 from mnist_keras.constants import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from mnist_keras.data import pipeline as data_lib
+from mnist_keras.export import onnx as onnx_lib
 from mnist_keras.export import runtimes
 from mnist_keras.models import builders
 from mnist_keras.storage import artifacts, folders
@@ -53,6 +56,8 @@ EXPORT = folders.FolderKind(noun="an export folder", markers=(EXPORT_MARKER,), f
                             holds="an export")
 # Images per representative-dataset step: the calibrator resizes the input to it.
 CALIBRATION_BATCH = 100
+# Single-image predictions timed per artifact for its latency in export.json and the table.
+LATENCY_RUNS = 30
 
 
 @dataclasses.dataclass
@@ -160,17 +165,35 @@ def _short_tensor_names(tflite_model: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-def write_artifacts(model: keras.Model, folder: Path, tflite: Sequence[str] = (),
-                    calibration_images: Optional[np.ndarray] = None, int8_io: str = "int8") -> dict:
-    """Write the SavedModel and each TFLite variant of the in-memory `model` into `folder`.
+def saved_model_path(version: int = 1) -> str:
+    """Where, in an export folder, the SavedModel goes: `saved_model/<version>`, as TF Serving wants it."""
+    return f"{SAVED_MODEL_DIR}/{version}"
 
-    Returns {artifact name: path relative to `folder`}: saved_model, then tflite_<variant> per `tflite`.
+
+def write_artifacts(model: keras.Model, folder: Path, tflite: Sequence[str] = (),
+                    calibration_images: Optional[np.ndarray] = None, int8_io: str = "int8",
+                    serving_version: int = 1, onnx: bool = False) -> dict:
+    """Write the SavedModel, each TFLite variant and (with `onnx`) model.onnx of `model` into `folder`.
+
+    Returns {artifact name: path relative to `folder`}: saved_model, tflite_<variant> per `tflite`, onnx.
     """
-    paths = {"saved_model": SAVED_MODEL_DIR}
+    paths = {"saved_model": saved_model_path(serving_version)}
     model = builders.float32_copy(model)  # a mixed-precision run's model, too, exports in float32
-    write_saved_model(model, folder / SAVED_MODEL_DIR)
+    write_saved_model(model, folder / paths["saved_model"])
+    _write_tflite(model, folder, tflite, calibration_images, int8_io, paths)
+    if onnx:
+        started = time.perf_counter()
+        onnx_lib.write_onnx(model, folder / onnx_lib.ONNX_FILE)
+        paths["onnx"] = onnx_lib.ONNX_FILE
+        logger.info("Converted %s in %.1f s", onnx_lib.ONNX_FILE, time.perf_counter() - started)
+    return paths
+
+
+def _write_tflite(model: keras.Model, folder: Path, tflite: Sequence[str], calibration_images: Optional[np.ndarray],
+                  int8_io: str, paths: dict) -> None:
+    """Each TFLite variant in `tflite`, its path added to `paths`."""
     if not tflite:
-        return paths
+        return
     # The TFLite converter reads a float32-input twin of the SavedModel, so the TFLite
     # files take float 0-255 pixels (int8: quantized ones) rather than a uint8 cast op.
     float_model = folder / ".float_saved_model"
@@ -185,7 +208,6 @@ def write_artifacts(model: keras.Model, folder: Path, tflite: Sequence[str] = ()
                         time.perf_counter() - started)
     finally:
         shutil.rmtree(float_model, ignore_errors=True)
-    return paths
 
 
 def _size_in_bytes(path: Path) -> int:
@@ -213,6 +235,7 @@ def artifact_record(loaded: runtimes.LoadedModel, images: np.ndarray, labels: np
         "accuracy": float(np.mean(predicted == labels)),
         "errors": int(np.sum(predicted != labels)),
         "score_seconds": round(seconds, 2),
+        "latency_ms": runtimes.latency_ms(loaded, images[:1], LATENCY_RUNS),
     }
     if reference is not None:
         record["argmax_agreement_with_keras"] = float(np.mean(predicted == reference.argmax(axis=1)))
@@ -256,6 +279,12 @@ def load_keras_model(model_path: os.PathLike | str) -> runtimes.LoadedModel:
     return loaded
 
 
+def check_extras(config: ExportConfig) -> None:
+    """A one-line MissingExtraError, before any work, when a format `config` asks for needs a missing extra."""
+    if config.onnx:
+        onnx_lib.check_onnx_extra("ONNX export (export.py --no-onnx skips it)")
+
+
 def calibration_images(config: ExportConfig, data: data_lib.MnistData) -> np.ndarray:
     """`config.calibration_size` training images drawn at random (seeded), in their original order."""
     rng = np.random.default_rng(config.seed)
@@ -279,12 +308,14 @@ def export_model(
     # Every refusal comes before any expensive work and before anything is written.
     source = load_keras_model(model_path)
     folders.check_output_folder(output_dir, EXPORT, config.overwrite)
+    check_extras(config)
     if data is None:
         data = data_lib.load_mnist(config.data_source, config.data_dir, validation_size=0, seed=config.seed)
     calibration = calibration_images(config, data)
     with folders.building(output_dir, EXPORT_MARKER, EXPORT_FILE) as staging:
         keras_record, reference = _keras_record(source, data)
-        paths = write_artifacts(source.model, staging, config.tflite, calibration, config.int8_io)
+        paths = write_artifacts(source.model, staging, config.tflite, calibration, config.int8_io,
+                                config.serving_version, config.onnx)
         records = _artifact_records(staging, paths, data, reference, keras_record)
         artifacts.write_json(staging / EXPORT_CONFIG_FILE, config_to_dict(config))
         artifacts.write_json(staging / EXPORT_FILE, {

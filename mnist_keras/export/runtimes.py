@@ -1,11 +1,13 @@
 """Loading any model format the project writes, behind one `predict`: one loader for evaluate, predict,
 serve, benchmark and the export checks.
 
-A .keras file (Keras, safe_mode on), a SavedModel folder (TensorFlow), a
-.tflite file (LiteRT's Interpreter) or a run folder (its model.keras) all load
-as a `LoadedModel` that takes raw 0-255 pixels and returns class probabilities.
+A .keras file (Keras, safe_mode on), a SavedModel folder (TensorFlow; also a
+TF Serving base folder of numbered versions, whose highest version loads), a
+.tflite file (LiteRT's Interpreter), an .onnx file (onnxruntime, the `onnx`
+extra) or a run folder (its model.keras) all load as a `LoadedModel` that takes
+raw 0-255 pixels and returns class probabilities.
 
-Ground floor: TensorFlow, Keras and LiteRT are imported only when a model of theirs is loaded.
+Ground floor: TensorFlow, Keras, LiteRT and onnxruntime are imported only when a model of theirs is loaded.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from typing import Any, Optional
 
 from mnist_keras import console
 from mnist_keras.constants import IMAGE_SHAPE, NUM_CLASSES
-from mnist_keras.errors import InputFileError, MissingInputError, first_line
+from mnist_keras.errors import InputFileError, MissingInputError, first_line, import_extra
 from mnist_keras.storage.artifacts import MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMATS = ("keras", "saved_model", "tflite")
+MODEL_FORMATS = ("keras", "saved_model", "tflite", "onnx")
 
 
 class LoadedModel:
@@ -66,8 +68,25 @@ class LoadedModel:
         return f"LoadedModel({self.description})"
 
 
+def latency_ms(model: LoadedModel, image, runs: int = 30) -> float:
+    """Median milliseconds of one single-image prediction, after one warm-up: what a server answering one
+    request at a time sees (the benchmark measures it more carefully)."""
+    import time
+
+    import numpy as np
+
+    model.predict(image)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        model.predict(image)
+        times.append(time.perf_counter() - started)
+    return round(float(np.median(times)) * 1000, 3)
+
+
 def detect_format(path: os.PathLike | str) -> tuple[Path, str]:
-    """(resolved path, format) of a .keras file, a SavedModel folder, a .tflite file or a run folder."""
+    """(resolved path, format) of a .keras file, a SavedModel folder (or a base folder of its numbered
+    versions: the highest), a .tflite or .onnx file, or a run folder."""
     path = Path(path).expanduser()
     if not path.exists():
         raise MissingInputError(f"{path}: no such model file or folder")
@@ -76,18 +95,29 @@ def detect_format(path: os.PathLike | str) -> tuple[Path, str]:
             return path, "saved_model"
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE, "keras"
-        raise InputFileError(f"{path}: not a SavedModel folder (no saved_model.pb) nor a run folder (no {MODEL_FILE})")
-    if path.suffix == ".keras":
-        return path, "keras"
-    if path.suffix == ".tflite":
-        return path, "tflite"
-    raise InputFileError(f"{path}: not a model (expected a .keras file, a SavedModel folder or a .tflite file)")
+        versions = saved_model_versions(path)
+        if versions:
+            return path / str(versions[-1]), "saved_model"
+        raise InputFileError(f"{path}: not a SavedModel folder (no saved_model.pb, nor <version>/saved_model.pb) "
+                             f"nor a run folder (no {MODEL_FILE})")
+    formats = {".keras": "keras", ".tflite": "tflite", ".onnx": "onnx"}
+    if path.suffix in formats:
+        return path, formats[path.suffix]
+    raise InputFileError(f"{path}: not a model (expected a .keras file, a SavedModel folder, a .tflite file or "
+                         "an .onnx file)")
+
+
+def saved_model_versions(base: Path) -> list[int]:
+    """The numbered SavedModel versions in a TF Serving model base folder, lowest first."""
+    return sorted(int(child.name) for child in base.iterdir()
+                  if child.name.isdigit() and (child / "saved_model.pb").is_file())
 
 
 def load_model(path: os.PathLike | str) -> LoadedModel:
     """Load a .keras file (with Keras' safe_mode on), a SavedModel folder, a .tflite file, or a run folder."""
     path, format = detect_format(path)
-    loader = {"keras": _load_keras, "saved_model": _load_saved_model, "tflite": _load_tflite}[format]
+    loader = {"keras": _load_keras, "saved_model": _load_saved_model, "tflite": _load_tflite,
+              "onnx": _load_onnx}[format]
     return loader(path)
 
 
@@ -139,6 +169,39 @@ def _load_tflite(path: Path) -> LoadedModel:
                        f"TFLite model {path.name} ({np.dtype(input_detail['dtype']).name} input)", runner.interpreter,
                        _describe(input_detail["name"], input_detail["dtype"], input_detail["shape_signature"]),
                        _describe(output_detail["name"], output_detail["dtype"], output_detail["shape_signature"]))
+
+
+def _load_onnx(path: Path) -> LoadedModel:
+    import numpy as np
+
+    onnxruntime = import_extra("onnxruntime", "onnx", f"Loading {path.name}")
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own Fail / InvalidProtobuf errors
+        raise InputFileError(f"{path}: cannot load as an ONNX model ({first_line(error)})") from None
+    inputs, output = session.get_inputs(), session.get_outputs()[0]
+    if len(inputs) != 1 or len(inputs[0].shape) != 3:
+        raise InputFileError(f"{path}: expected one input of {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} images. "
+                             f"Received: {[(i.name, i.shape) for i in inputs]}")
+    input_ = inputs[0]
+    dtype = np.dtype(_ONNX_TYPES.get(input_.type, "float32"))
+
+    def predict(images):
+        return session.run([output.name], {input_.name: images.astype(dtype)})[0]
+
+    return LoadedModel(path, "onnx", predict, f"ONNX model {path.name}", session,
+                       _describe(input_.name, dtype, _onnx_shape(input_.shape)),
+                       _describe(output.name, _ONNX_TYPES.get(output.type, "float32"), _onnx_shape(output.shape)))
+
+
+# onnxruntime names tensor types "tensor(float)", ...: the numpy dtypes of those a model of ours may take.
+_ONNX_TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
+               "tensor(double)": "float64"}
+
+
+def _onnx_shape(shape) -> list:
+    """onnxruntime's shape: a symbolic dimension ('unk__64', 'batch') is dynamic."""
+    return [d if isinstance(d, int) else None for d in shape]
 
 
 def _tflite_interpreter(path: Path):

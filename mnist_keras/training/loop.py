@@ -181,21 +181,26 @@ class TrainingLoop:
         return totals
 
     def _run_chunks(self, step_fn, iterator, steps: int, progbar: Optional[keras.utils.Progbar] = None,
-                    prefix: str = "", callbacks: Optional[keras.callbacks.CallbackList] = None) -> dict:
+                    prefix: str = "", callbacks: Optional[keras.callbacks.CallbackList] = None,
+                    training: bool = True) -> dict:
         totals = np.zeros(3)
         done = 0
+        if callbacks is not None:
+            begin, end = ((callbacks.on_train_batch_begin, callbacks.on_train_batch_end) if training
+                          else (callbacks.on_test_batch_begin, callbacks.on_test_batch_end))
         while done < steps:
             count = min(self.steps_per_execution, steps - done)
             if callbacks is not None:  # Batch hooks once per call, as Keras does with steps_per_execution.
-                callbacks.on_train_batch_begin(done)
+                begin(done)
             totals += step_fn(iterator, tf.constant(count, tf.int32)).numpy()
             done += count
             running = {prefix + "loss": float(totals[0] / totals[2]),
                        prefix + "accuracy": float(totals[1] / totals[2])}
             self.heartbeat()
             if callbacks is not None:
-                callbacks.on_train_batch_end(done - 1, running)
-                if self.model.stop_training:  # e.g. TerminateOnNaN: end the epoch here, as model.fit does
+                end(done - 1, running)
+                # e.g. TerminateOnNaN: end the epoch here, as model.fit does
+                if training and self.model.stop_training:
                     break
             if progbar is not None:  # fit finalizes the bar once, with the validation figures
                 progbar.update(done, values=list(running.items()), finalize=False)
@@ -243,7 +248,7 @@ class TrainingLoop:
             progbar = keras.utils.Progbar(steps, verbose=progress_bar_verbosity(verbose), stateful_metrics=stateful)
             logs = self._run_chunks(self._train_steps, iterator, steps, progbar, callbacks=hooks)
             if validation_data is not None:
-                logs.update(self.evaluate(*validation_data, prefix="val_"))
+                logs.update(self.evaluate(*validation_data, prefix="val_", callbacks=hooks))
             progbar.update(steps, values=list(logs.items()), finalize=True)
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
@@ -255,8 +260,10 @@ class TrainingLoop:
         hooks.on_train_end(logs)
         return history
 
-    def evaluate(self, images: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict[str, float]:
-        """Mean loss and accuracy over every example, reduced across all replicas and workers."""
+    def evaluate(self, images: np.ndarray, labels: np.ndarray, prefix: str = "",
+                 callbacks: Optional[keras.callbacks.CallbackList] = None) -> dict[str, float]:
+        """Mean loss and accuracy over every example, reduced across all replicas and workers. With `callbacks`
+        (fit's validation), their on_test_* hooks run as in Keras' own validation."""
         key = (id(images), id(labels))
         if key not in self._eval_datasets:
             dataset = self.strategy.distribute_datasets_from_function(
@@ -264,7 +271,12 @@ class TrainingLoop:
             self._eval_datasets[key] = (images, labels, dataset)
         dataset = self._eval_datasets[key][2]
         steps = data_lib.eval_steps(len(images), self.global_batch_size)
-        return self._run_chunks(self._eval_steps, iter(dataset), steps, prefix=prefix)
+        if callbacks is None:
+            return self._run_chunks(self._eval_steps, iter(dataset), steps, prefix=prefix)
+        callbacks.on_test_begin()
+        logs = self._run_chunks(self._eval_steps, iter(dataset), steps, callbacks=callbacks, training=False)
+        callbacks.on_test_end(logs)
+        return {prefix + name: value for name, value in logs.items()}
 
 
 def total_steps(num_examples: int, global_batch_size: int, epochs: int) -> int:

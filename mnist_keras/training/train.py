@@ -34,9 +34,11 @@ from mnist_keras.export import exporter as export_lib
 from mnist_keras.models import builders
 from mnist_keras.storage import artifacts
 from mnist_keras.training import backup as backup_lib
+from mnist_keras.training import callbacks as callbacks_lib
 from mnist_keras.training import loop as loop_lib
 from mnist_keras.training import resources as resources_lib
 from mnist_keras.training import strategy as strategy_lib
+from mnist_keras.training import tensorboard as tensorboard_lib
 from mnist_keras.training import watchdog as watchdog_lib
 
 logger = logging.getLogger(__name__)
@@ -108,8 +110,9 @@ def run(
 
     `callbacks`: `keras.callbacks.Callback`s (EarlyStopping, CSVLogger, ...) or
     `callable(epoch, logs)` functions, run after the backup and TensorBoard
-    callbacks, with Keras' logs (loss, accuracy, val_loss, val_accuracy) and
-    `model.stop_training` semantics. Under multi-worker training they run on
+    callbacks and those `config.callback` names (--callback), with Keras' logs
+    (loss, accuracy, val_loss, val_accuracy) and `model.stop_training`
+    semantics. Under multi-worker training they run on
     every worker, which all see the same logs (so all stop at the same epoch);
     give each worker its own file paths (e.g. a CSVLogger's). `on_stall`: the
     watchdog's action; the default logs one line and ends the process.
@@ -119,6 +122,12 @@ def run(
     writes = output_dir is not None and not config.dry_run
     if writes:
         artifacts.check_run_dir(output_dir, overwrite=config.overwrite)  # Errors first, before any start-up line.
+        if config.export:
+            export_lib.check_extras(ExportConfig())
+    # --callback: imported (and refused in one line) before any expensive work.
+    callbacks = [*callbacks_lib.load_callbacks(config.callback), *callbacks]
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()  # with the seeds set below: bit-identical runs
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
                                                               config.collective_timeout)
@@ -179,7 +188,7 @@ def stall_watchdog(config: TrainConfig, strategy: tf.distribute.Strategy,
 def run_callbacks(config: TrainConfig, strategy: tf.distribute.Strategy, data: data_lib.MnistData,
                   output_dir: Optional[Path | str], run_dir: Optional[Path],
                   backup: Optional[backup_lib.EpochBackup]) -> list:
-    """The package's own epoch callbacks: the backup, the resource log (every worker), TensorBoard (chief)."""
+    """The package's own callbacks: the backup, the resource log (every worker), TensorBoard (chief)."""
     callbacks: list = []
     if backup is not None:
         callbacks.append(backup)
@@ -188,7 +197,8 @@ def run_callbacks(config: TrainConfig, strategy: tf.distribute.Strategy, data: d
             Path(output_dir) / artifacts.LOGS_DIR / resources_lib.resources_file(strategy_lib.worker_index(strategy)),
             data_lib.steps_per_epoch(len(data.x_train), config.batch_size)))
     if run_dir is not None:
-        callbacks.append(EpochScalars(run_dir / artifacts.LOGS_DIR))
+        callbacks.append(tensorboard_lib.TensorBoardWriter(run_dir / artifacts.LOGS_DIR, config.steps_per_execution,
+                                                           config.profile_range))
     return callbacks
 
 
@@ -266,25 +276,3 @@ def write_run(run_dir: Path, model: keras.Model, config: TrainConfig, history: d
     artifacts.write_json(run_dir / artifacts.HISTORY_FILE, history)
     artifacts.write_json(run_dir / artifacts.METRICS_FILE, metrics)
     logger.info("Wrote %s", run_dir)
-
-
-class EpochScalars(keras.callbacks.Callback):
-    """Epoch scalars for TensorBoard (`tensorboard --logdir saved_models`): train/<metric>, validation/<metric>.
-
-    Not keras.callbacks.TensorBoard, which follows model.fit's own counters and writes graphs and
-    per-batch summaries this loop does not have.
-    """
-
-    def __init__(self, log_dir: Path) -> None:
-        super().__init__()
-        self.writer = tf.summary.create_file_writer(str(log_dir))
-
-    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
-        with self.writer.as_default(step=epoch + 1):
-            for name, value in (logs or {}).items():
-                split = "validation" if name.startswith("val_") else "train"
-                tf.summary.scalar(f"{split}/{name.removeprefix('val_')}", value)
-        self.writer.flush()
-
-    def on_train_end(self, logs: Optional[dict] = None) -> None:
-        self.writer.close()
