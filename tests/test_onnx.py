@@ -70,14 +70,13 @@ def test_evaluate_takes_an_onnx_file(onnx_export, tmp_path, capsys):
 def test_export_without_the_extra_is_one_line_naming_it(missing, onnx_export, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, missing, None)  # how `import` sees an uninstalled package
     model = onnx_export.output_dir.parent / "model.keras"
-    result = run_main(cli.export_main, "--model", model, "--output-dir", tmp_path / "export", capsys=capsys)
+    result = run_main(cli.export_main, "--model", model, "--output-dir", tmp_path / "export", "--onnx",
+                      capsys=capsys)
     assert_one_line_error(result, missing, "pip install -e .[onnx]", "--no-onnx")
     assert not (tmp_path / "export").exists()
-    # train.py --export says so before it trains.
-    result = run_main(cli.train_main, "--export", "--output-dir", tmp_path / "run", "--data-dir", tmp_path,
-                      capsys=capsys)
-    assert_one_line_error(result, missing, "pip install -e .[onnx]")
-    assert not (tmp_path / "run").exists()
+    # Not asked for: a plain install (no onnx extra) exports every other format, as before ONNX existed.
+    assert not exporter.writes_onnx(config_lib.ExportConfig())
+    assert exporter.writes_onnx(config_lib.ExportConfig(onnx=True))
 
 
 def test_loading_onnx_without_onnxruntime_is_one_line(onnx_export, tmp_path, monkeypatch, capsys):

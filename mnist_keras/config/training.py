@@ -156,8 +156,9 @@ class ExportConfig:
     data_dir: Optional[str] = data_dir_option()
     serving_version: int = option(1, "Version folder of the SavedModel: saved_model/<version>/, the layout "
                                   "TensorFlow Serving reads a model base path in.")
-    onnx: bool = option(True, "Also write model.onnx, scored with onnxruntime (needs the onnx extra; "
-                            "default: on, --no-onnx skips it).")
+    # None: model.onnx when the onnx extra is installed, so a plain install exports everything else.
+    onnx: Optional[bool] = option(None, "Also write model.onnx, scored with onnxruntime (the onnx extra). "
+                                        "Default: when that extra is installed; --onnx insists, --no-onnx skips it.")
     overwrite: bool = option(False, "Replace an existing export in the output folder.")
     verbose: int = option(1, "0: quiet, 1: log each step.")
 

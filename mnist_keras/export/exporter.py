@@ -285,6 +285,11 @@ def check_extras(config: ExportConfig) -> None:
         onnx_lib.check_onnx_extra("ONNX export (export.py --no-onnx skips it)")
 
 
+def writes_onnx(config: ExportConfig) -> bool:
+    """--onnx / --no-onnx as given; by default, whether the onnx extra is installed."""
+    return onnx_lib.extra_installed() if config.onnx is None else config.onnx
+
+
 def calibration_images(config: ExportConfig, data: data_lib.MnistData) -> np.ndarray:
     """`config.calibration_size` training images drawn at random (seeded), in their original order."""
     rng = np.random.default_rng(config.seed)
@@ -315,7 +320,7 @@ def export_model(
     with folders.building(output_dir, EXPORT_MARKER, EXPORT_FILE) as staging:
         keras_record, reference = _keras_record(source, data)
         paths = write_artifacts(source.model, staging, config.tflite, calibration, config.int8_io,
-                                config.serving_version, config.onnx)
+                                config.serving_version, writes_onnx(config))
         records = _artifact_records(staging, paths, data, reference, keras_record)
         artifacts.write_json(staging / EXPORT_CONFIG_FILE, config_to_dict(config))
         artifacts.write_json(staging / EXPORT_FILE, {

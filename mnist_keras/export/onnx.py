@@ -31,6 +31,14 @@ def check_onnx_extra(feature: str = "ONNX export") -> None:
         errors.check_extra(module, ONNX_EXTRA, feature)
 
 
+def extra_installed() -> bool:
+    try:
+        check_onnx_extra()
+    except errors.MissingExtraError:
+        return False
+    return True
+
+
 def write_onnx(model: keras.Model, path: Path) -> Path:
     """Convert `model` (a float32 Keras model) to ONNX at `path`."""
     tf2onnx = errors.import_extra("tf2onnx", ONNX_EXTRA, "ONNX export")
