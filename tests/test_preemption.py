@@ -18,8 +18,9 @@ from mnist_keras.storage import artifacts
 from mnist_keras.training import backup, preemption, train
 from tests.helpers import TRAIN, env_with, tiny_config, write_npz
 
-# 512 training images, batch 64: 8 steps per epoch, in groups of 2.
-CONFIG = dict(epochs=2, batch_size=64, steps_per_execution=2)
+# 512 training images, batch 64: 8 steps per epoch, in groups of 2; a rate at which epoch 2 still learns
+# (at 1e-2 the loss is ~1e-5 by then and replayed batches would hardly show).
+CONFIG = dict(epochs=2, batch_size=64, steps_per_execution=2, learning_rate=1e-3)
 
 
 class SignalAtBatch(keras.callbacks.Callback):
@@ -59,19 +60,19 @@ def test_signal_saves_mid_epoch_and_the_resumed_run_ends_as_an_uninterrupted_one
     uninterrupted = train.run(config, data=tiny_mnist, output_dir=tmp_path / "whole")
 
     folder = tmp_path / "preempted"
-    # The signal arrives after the group ending at step 4 of epoch 2 (0-based batch 3): the run
-    # saves after the next group, 6 steps into epoch 2.
-    with pytest.raises(preemption.Preempted, match="saved at epoch 2, step 6") as stopped:
-        train.run(config, data=tiny_mnist, output_dir=folder, callbacks=[SignalAtBatch(1, 3, signum)])
-    assert stopped.value.signum == signum and (stopped.value.epoch, stopped.value.step) == (1, 6)
+    # The signal arrives after the group ending at step 2 of epoch 2 (0-based batch 1): the run
+    # saves after the next group, 4 steps into epoch 2.
+    with pytest.raises(preemption.Preempted, match="saved at epoch 2, step 4") as stopped:
+        train.run(config, data=tiny_mnist, output_dir=folder, callbacks=[SignalAtBatch(1, 1, signum)])
+    assert stopped.value.signum == signum and (stopped.value.epoch, stopped.value.step) == (1, 4)
     assert not artifacts.is_finished_run(folder) and (folder / backup.BACKUP_DIR).is_dir()
     # Outside training the signal's usual handler is back (TERM would end this process: not sent).
     assert signal.getsignal(signum) in (signal.SIG_DFL, None)
 
     with caplog.at_level("INFO", logger="mnist_keras.training.backup"):
         resumed = train.run(config, data=tiny_mnist, output_dir=folder)
-    assert "Resuming at epoch 2, step 6" in caplog.text
-    assert resumed.metrics["resumed_at_epoch"] == 2 and resumed.metrics["resumed_at_step"] == 6
+    assert "Resuming at epoch 2, step 4" in caplog.text
+    assert resumed.metrics["resumed_at_epoch"] == 2 and resumed.metrics["resumed_at_step"] == 4
     assert_same_run(resumed, uninterrupted, folder)
 
 
