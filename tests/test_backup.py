@@ -1,6 +1,7 @@
 """Epoch-end backups: a run that dies resumes at its first unfinished epoch and ends where an
 uninterrupted run ends (in-process, default and mirrored strategies, synthetic data)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -81,3 +82,81 @@ def test_finished_run_with_stale_backup_is_still_refused(tiny_mnist, tmp_path):
     (folder / backup.BACKUP_DIR).mkdir()
     with pytest.raises(artifacts.OutputExistsError, match="pass --overwrite"):
         train.run(tiny_config(epochs=1), data=tiny_mnist, output_dir=folder)
+
+
+def test_a_kill_between_the_history_write_and_the_checkpoint_save_resumes_consistently(
+        tiny_mnist, tmp_path, monkeypatch):
+    """Epoch 2's history is written, then the process dies before epoch 2's checkpoint: the resumed run
+    trims the history to the checkpoint's epoch (1), trains epoch 2 again, and ends as an uninterrupted
+    run, with each epoch in the history once."""
+    config = tiny_config(epochs=2, batch_size=64, learning_rate=1e-3)
+    uninterrupted = train.run(config, data=tiny_mnist, output_dir=tmp_path / "whole")
+
+    folder = tmp_path / "resumed"
+    save = backup.EpochBackup._save
+
+    def die_at_the_second_save(self):
+        if int(self.finished_epochs.numpy()) == 2:
+            raise Crash("killed between the history write and the checkpoint save")
+        save(self)
+
+    monkeypatch.setattr(backup.EpochBackup, "_save", die_at_the_second_save)
+    with pytest.raises(Crash):
+        train.run(config, data=tiny_mnist, output_dir=folder)
+    monkeypatch.undo()
+    assert len(json.loads((folder / backup.BACKUP_DIR / backup.HISTORY_FILE).read_text())["loss"]) == 2
+
+    resumed = train.run(config, data=tiny_mnist, output_dir=folder)
+    assert resumed.metrics["resumed_at_epoch"] == 2
+    history = json.loads((folder / artifacts.HISTORY_FILE).read_text())
+    for key, values in uninterrupted.history.items():
+        assert history[key] == pytest.approx(values, abs=1e-6), key
+    for mine, theirs in zip(resumed.model.get_weights(), uninterrupted.model.get_weights()):
+        np.testing.assert_allclose(mine, theirs, atol=1e-6)
+
+
+def damage_state_file(folder):
+    (folder / "checkpoint").write_text("model_checkpoint_path: \x00\x01 not a checkpoint state {{{")
+
+
+def damage_index(folder):
+    index = next(folder.glob("ckpt-*.index"))
+    index.write_bytes(index.read_bytes()[:20])
+
+
+def damage_data(folder):
+    data = next(folder.glob("ckpt-*.data-*"))
+    data.write_bytes(b"\x00" * 16)
+
+
+# The data case (variables may be half restored when it fails) in the fast tier; the others with the slow tests.
+@pytest.mark.parametrize("damage", [
+    damage_data,
+    pytest.param(damage_index, marks=pytest.mark.slow),
+    pytest.param(damage_state_file, marks=pytest.mark.slow),
+], ids=["data", "index", "state_file"])
+def test_an_unreadable_backup_is_one_line_and_overwrite_starts_fresh(tiny_mnist, tmp_path, capsys, damage):
+    from mnist_keras import cli
+    from tests.helpers import assert_one_line_error, run_main, write_npz
+
+    folder = tmp_path / "run"
+    config = tiny_config(epochs=2, batch_size=64, learning_rate=1e-3)
+    with pytest.raises(Crash):
+        train.run(config, data=tiny_mnist, output_dir=folder, callbacks=[crash_after(1)])
+    damage(folder / backup.BACKUP_DIR)
+
+    with pytest.raises(backup.BackupError) as refused:
+        train.run(config, data=tiny_mnist, output_dir=folder)
+    message = f"backup in {folder / backup.BACKUP_DIR} is unreadable ("
+    assert str(refused.value).startswith(message) and str(refused.value).endswith("; pass --overwrite to start fresh")
+    # On the command line: one line, exit 2.
+    refused_cli = run_main(cli.train_main, "--arch", "mlp_small", "--data-dir", write_npz(tmp_path / "data", tiny_mnist),
+                           "--validation-size", "128", "--output-dir", folder, "--verbose", "0", capsys=capsys)
+    assert_one_line_error(refused_cli, message, "pass --overwrite to start fresh")
+
+    fresh = train.run(dataclasses.replace(config, overwrite=True), data=tiny_mnist, output_dir=folder)
+    assert fresh.metrics["resumed_at_epoch"] is None and not (folder / backup.BACKUP_DIR).exists()
+    # A fresh start: the weights of a run that never had a backup.
+    never = train.run(config, data=tiny_mnist)
+    for mine, theirs in zip(fresh.model.get_weights(), never.model.get_weights()):
+        np.testing.assert_allclose(mine, theirs, atol=1e-6)

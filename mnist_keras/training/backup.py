@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 BACKUP_DIR = artifacts.BACKUP_DIR
 HISTORY_FILE = artifacts.HISTORY_FILE  # the history so far, beside the backed-up model, named as in the run folder
+STATE_FILE = "checkpoint"  # tf.train.CheckpointManager's record of the latest checkpoint
 
 
 class BackupError(errors.UsageError):
@@ -124,6 +125,8 @@ class EpochBackup:
     def _restore(self) -> ResumePoint:
         latest = tf.train.latest_checkpoint(str(self.directory))
         if latest is None:
+            if (self.directory / STATE_FILE).exists():  # a state file naming no checkpoint that exists
+                raise ValueError(f"{STATE_FILE} names no checkpoint that can be read")
             return ResumePoint()
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         history_path = self.directory / HISTORY_FILE
