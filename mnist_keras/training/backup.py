@@ -94,20 +94,18 @@ class EpochBackup:
         """Load the latest backup if there is one; return where training starts (the start without one).
 
         An unreadable backup raises `BackupError` (one line naming `--overwrite`), or with
-        `start_fresh_if_unreadable` is deleted and the model put back as it was: a fresh start.
+        `start_fresh_if_unreadable` is deleted: a fresh start. A failed restore leaves the model as it
+        was (TensorFlow reads every tensor before it assigns any; test_backup checks it).
         """
         if not self.chief:  # a killed worker's old copy is never read; a damaged one must not stop the save
             shutil.rmtree(self.write_directory, ignore_errors=True)
-        snapshot = [(v, v.numpy()) for v in self.checkpoint_variables()] if start_fresh_if_unreadable else None
         try:
             point = self._restore()
         except Exception as error:  # noqa: BLE001  (whatever is wrong with the files, the way out is the same)
             reason = f"backup in {self.directory} is unreadable ({type(error).__name__}: {errors.first_line(error)})"
-            if snapshot is None:
+            if not start_fresh_if_unreadable:
                 raise BackupError(f"{reason}; pass --overwrite to start fresh") from None
             logger.warning("%s; starting fresh (--overwrite)", reason)
-            for variable, value in snapshot:
-                variable.assign(value)
             if self.chief:
                 shutil.rmtree(self.directory, ignore_errors=True)
             self.history = {}
@@ -116,11 +114,6 @@ class EpochBackup:
             at = f"epoch {point.epoch + 1}" + (f", step {point.step}" if point.step else "")
             logger.info("Resuming at %s (backup in %s)", at, self.directory)
         return point
-
-    def checkpoint_variables(self) -> list:
-        """Every variable the backup holds (to put them back when a restore fails part-way)."""
-        return [*self.model.weights, *self.model.optimizer.variables, self.finished_epochs, self.step_in_epoch,
-                self.epoch_totals]
 
     def _restore(self) -> ResumePoint:
         latest = tf.train.latest_checkpoint(str(self.directory))
