@@ -136,6 +136,7 @@ def tune(config, call: Call) -> int:
     console.import_tensorflow()
     errors.import_extra("keras_tuner", "tune", "tune.py")
     from mnist_keras.storage import artifacts
+    from mnist_keras.training import preemption
     from mnist_keras.tuning import search as tune_lib
 
     output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
@@ -151,6 +152,9 @@ def tune(config, call: Call) -> int:
     except (tune_lib.SearchFailedError, distributed.ChiefLostError) as error:
         call.error(errors.first_line(error))
         return EXIT_FAILURE
+    except preemption.Preempted as stopped:  # SIGTERM while the winner retrains: the search resumes, then it
+        print(f"{call.prog}: {stopped}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     _print_search(config, result)
     return 0
 
