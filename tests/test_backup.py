@@ -87,16 +87,15 @@ def test_finished_run_with_stale_backup_is_still_refused(tiny_mnist, tmp_path):
 def test_a_kill_between_the_history_write_and_the_checkpoint_save_resumes_consistently(
         tiny_mnist, tmp_path, monkeypatch):
     """Epoch 2's history is written, then the process dies before epoch 2's checkpoint: the resumed run
-    trims the history to the checkpoint's epoch (1), trains epoch 2 again, and ends as an uninterrupted
-    run, with each epoch in the history once."""
+    trims the history to the checkpoint's epoch (1) and trains epoch 2 again from epoch 1's state, so it
+    ends with each epoch in the history once, with the figures the killed run had logged."""
     config = tiny_config(epochs=2, batch_size=64, learning_rate=1e-3)
-    uninterrupted = train.run(config, data=tiny_mnist, output_dir=tmp_path / "whole")
-
-    folder = tmp_path / "resumed"
+    folder, logged = tmp_path / "run", {}
     save = backup.EpochBackup._save
 
     def die_at_the_second_save(self):
         if int(self.finished_epochs.numpy()) == 2:
+            logged.update(self.history)  # both epochs' figures, as written
             raise Crash("killed between the history write and the checkpoint save")
         save(self)
 
@@ -109,10 +108,9 @@ def test_a_kill_between_the_history_write_and_the_checkpoint_save_resumes_consis
     resumed = train.run(config, data=tiny_mnist, output_dir=folder)
     assert resumed.metrics["resumed_at_epoch"] == 2
     history = json.loads((folder / artifacts.HISTORY_FILE).read_text())
-    for key, values in uninterrupted.history.items():
-        assert history[key] == pytest.approx(values, abs=1e-6), key
-    for mine, theirs in zip(resumed.model.get_weights(), uninterrupted.model.get_weights()):
-        np.testing.assert_allclose(mine, theirs, atol=1e-6)
+    assert history.keys() == logged.keys()
+    for key, values in logged.items():
+        assert len(values) == 2 and history[key] == pytest.approx(values, abs=1e-6), key
 
 
 def damage_state_file(folder):
@@ -130,20 +128,18 @@ def damage_data(folder):
     data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
 
 
-# The data case (variables may be half restored when it fails) in the fast tier; the others with the slow tests.
-@pytest.mark.parametrize("damage", [
-    damage_data,
-    pytest.param(damage_index, marks=pytest.mark.slow),
-    pytest.param(damage_state_file, marks=pytest.mark.slow),
-], ids=["data", "index", "state_file"])
+# Slow tier (the fast tier's budget): test_preemption and the kill test above keep resume in the fast tier.
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [damage_data, damage_index, damage_state_file], ids=["data", "index", "state_file"])
 def test_an_unreadable_backup_is_one_line_and_overwrite_starts_fresh(tiny_mnist, tmp_path, capsys, damage):
     from mnist_keras import cli
     from tests.helpers import assert_one_line_error, run_main, write_npz
 
-    folder = tmp_path / "run"
-    config = tiny_config(epochs=2, batch_size=64, learning_rate=1e-3)
-    with pytest.raises(Crash):
-        train.run(config, data=tiny_mnist, output_dir=folder, callbacks=[crash_after(1)])
+    folder, logged = tmp_path / "run", []
+    config = tiny_config(epochs=1, batch_size=64, learning_rate=1e-3)
+    with pytest.raises(Crash):  # after epoch 1's backup (its last: a resume would train nothing)
+        train.run(config, data=tiny_mnist, output_dir=folder,
+                  callbacks=[lambda epoch, logs: logged.append(logs), crash_after(1)])
     damage(folder / backup.BACKUP_DIR)
 
     with pytest.raises(backup.BackupError) as refused:
@@ -157,7 +153,5 @@ def test_an_unreadable_backup_is_one_line_and_overwrite_starts_fresh(tiny_mnist,
 
     fresh = train.run(dataclasses.replace(config, overwrite=True), data=tiny_mnist, output_dir=folder)
     assert fresh.metrics["resumed_at_epoch"] is None and not (folder / backup.BACKUP_DIR).exists()
-    # A fresh start: the weights of a run that never had a backup.
-    never = train.run(config, data=tiny_mnist)
-    for mine, theirs in zip(fresh.model.get_weights(), never.model.get_weights()):
-        np.testing.assert_allclose(mine, theirs, atol=1e-6)
+    # A fresh start (nothing half restored): epoch 1 again, as the first run trained it.
+    assert fresh.history["loss"] == pytest.approx([logged[0]["loss"]], abs=1e-6)

@@ -35,6 +35,7 @@ SAVING_WORKER = ("import os, signal, sys, time, pathlib; "
                  "pathlib.Path(sys.argv[1], str(os.getpid())).touch(); time.sleep(120)")
 
 
+@pytest.mark.slow  # 3 s of the fast tier's minute
 def test_sigterm_is_forwarded_and_the_launcher_waits_for_the_workers_save(tmp_path):
     script = ("import sys; from mnist_keras.training import launch; "
               f"r = launch.launch_local([sys.executable, '-c', {SAVING_WORKER!r}, {str(tmp_path)!r}], 2); "
@@ -87,8 +88,8 @@ sys.exit(0 if (folder / "done").exists() else 9)
 
 @pytest.mark.parametrize("fail_code, times, max_restarts, restarts, ok", [
     (3, 1, 1, 1, True),  # a failure, one restart: the run finishes by itself
-    (3, 2, 1, 1, False),  # failing again after the last restart: the launch fails
-    (-9, 1, 2, 1, True),  # killed by SIGKILL: restarted too
+    pytest.param(3, 2, 1, 1, False, marks=pytest.mark.slow),  # failing again after the last restart: it fails
+    pytest.param(-9, 1, 2, 1, True, marks=pytest.mark.slow),  # killed by SIGKILL: restarted too
     (errors.EXIT_USAGE, 1, 2, 0, False),  # bad input: a restart cannot mend it
 ], ids=["restarted", "restarts_exhausted", "sigkill", "usage_error_not_restarted"])
 def test_max_restarts_starts_every_worker_again(tmp_path, fail_code, times, max_restarts, restarts, ok):
