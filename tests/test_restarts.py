@@ -61,6 +61,8 @@ def test_a_preempted_launch_exits_75_with_one_line(capsys):
     # Workers that saved on their own (a signal sent to them, not to the launcher) count too.
     assert launch.LaunchResult((75, 75)).preempted and not launch.LaunchResult((75, 75)).ok
     assert not launch.LaunchResult((75, 1)).preempted
+    # Ctrl-C stops the workers with SIGTERM too (they may save), but stays an interruption (exit 130).
+    assert not launch.LaunchResult((75, 75), interrupted=int(signal.SIGINT)).preempted
 
 
 def flaky_workers(tmp_path, fail_code: int, times: int) -> list:

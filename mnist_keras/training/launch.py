@@ -84,8 +84,10 @@ class LaunchResult:
 
     @property
     def preempted(self) -> bool:
-        """Every worker saved on a stop signal and exited with EXIT_PREEMPTED: the same command resumes."""
-        return bool(self.returncodes) and all(code == errors.EXIT_PREEMPTED for code in self.returncodes)
+        """Every worker saved on a stop signal and exited with EXIT_PREEMPTED: the same command resumes.
+        (Not after Ctrl-C, which stops the workers with SIGTERM too but reports itself as an interruption.)"""
+        return (bool(self.returncodes) and all(code == errors.EXIT_PREEMPTED for code in self.returncodes)
+                and self.interrupted != signal.SIGINT)
 
     def describe_failure(self) -> str:
         """One line naming the failed worker and how it ended (or the signal that stopped the launch)."""
