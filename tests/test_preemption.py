@@ -139,3 +139,42 @@ def test_train_py_sent_sigterm_exits_75_and_resumes_to_the_uninterrupted_result(
     mine, theirs = np.load(dumps / "worker0.npz"), np.load(tmp_path / "whole-weights" / "worker0.npz")
     for key in theirs.files:
         np.testing.assert_allclose(mine[key], theirs[key], atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow  # the real MNIST, the CNN recipe, three processes
+def test_cnn_on_real_mnist_sent_sigterm_mid_epoch_exits_within_15_s_and_resumes_exactly(real_mnist_dir, tmp_path):
+    def command(run_dir):
+        return [sys.executable, HOOKED_TRAIN, "--arch", "cnn", "--epochs", "2", "--verbose", "0",
+                "--data-dir", str(real_mnist_dir), "--output-dir", str(run_dir)]
+
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=900,
+                           env=env_with(**{WEIGHTS_DUMP_ENV: str(tmp_path / "whole-weights")}))
+    assert whole.returncode == 0, whole.stderr
+    run_dir, dumps = tmp_path / "run", tmp_path / "weights"
+    process = subprocess.Popen(command(run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env_with(**{WEIGHTS_DUMP_ENV: str(dumps)}))
+    resources = run_dir / artifacts.LOGS_DIR / "resources.jsonl"
+    deadline = time.monotonic() + 600
+    while not (resources.is_file() and resources.read_text()) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    time.sleep(3)  # into epoch 2 (430 steps of ~25 ms here)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    print(f"exited {time.monotonic() - sent:.1f} s after SIGTERM: {stderr.strip().splitlines()[-1]}")
+    assert process.returncode == errors.EXIT_PREEMPTED, stderr
+    assert time.monotonic() - sent < 15  # the acceptance bound (a group of 100 steps and a save)
+    assert "stopped by SIGTERM: saved at epoch 2, step " in stderr
+
+    resumed = subprocess.run(command(run_dir), capture_output=True, text=True, timeout=900,
+                             env=env_with(**{WEIGHTS_DUMP_ENV: str(dumps)}))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming at epoch 2, step " in resumed.stderr
+    metrics, expected = (json.loads((folder / artifacts.METRICS_FILE).read_text()) for folder in
+                         (run_dir, tmp_path / "whole"))
+    assert metrics["test_loss"] == pytest.approx(expected["test_loss"], abs=1e-5)
+    assert metrics["test_accuracy"] == pytest.approx(expected["test_accuracy"], abs=1e-4)
+    mine, theirs = np.load(dumps / "worker0.npz"), np.load(tmp_path / "whole-weights" / "worker0.npz")
+    for key in theirs.files:
+        np.testing.assert_allclose(mine[key], theirs[key], atol=1e-5, err_msg=key)
