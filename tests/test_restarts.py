@@ -170,7 +170,6 @@ def test_one_preempted_worker_stops_both_at_one_step_and_the_resumed_run_is_exac
 
     resumed = two_workers(data_dir, run_dir, dumps)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"Resuming at epoch 2, step {step}" in resumed.stdout
     metrics = assert_same_as_uninterrupted(run_dir, dumps, whole)
     assert metrics["resumed_at_epoch"] == 2 and metrics["resumed_at_step"] == int(step)
 
@@ -186,6 +185,5 @@ def test_a_sigkilled_worker_is_restarted_and_the_run_finishes_as_an_uninterrupte
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "killed").exists()
     assert "worker 1 failed (exit status -9); restarting every worker from the backup (restart 1 of 1)" in done.stderr
-    assert "Resuming at epoch 2" in done.stdout
     metrics = assert_same_as_uninterrupted(run_dir, dumps, whole)
     assert metrics["resumed_at_epoch"] == 2
