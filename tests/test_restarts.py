@@ -29,17 +29,23 @@ from tests.helpers import (
 
 # -- the launcher with stand-in workers (no TensorFlow) -------------------------------------------
 
-# A worker that takes 3 s to "save" on SIGTERM (longer than the launcher's 2 s stop grace), then exits 75.
+# Stand-in workers: on SIGTERM, one takes 3 s to "save" (longer than the launcher's 2 s stop grace) and
+# exits 75; the other was finishing anyway and exits 0.
 SAVING_WORKER = ("import os, signal, sys, time, pathlib; "
-                 "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(3), sys.exit(75))); "
+                 "signal.signal(signal.SIGTERM, lambda *a: (time.sleep({seconds}), sys.exit({code}))); "
                  "pathlib.Path(sys.argv[1], str(os.getpid())).touch(); time.sleep(120)")
 
 
-@pytest.mark.slow  # 3 s of the fast tier's minute
-def test_sigterm_is_forwarded_and_the_launcher_waits_for_the_workers_save(tmp_path):
+@pytest.mark.parametrize("seconds, code, expected", [
+    pytest.param(3, 75, "(75, 75) True stopped by SIGTERM; every worker saved its place: run the same command "
+                 "again to resume", marks=pytest.mark.slow),  # 3 s of the fast tier's minute
+    (0, 0, "(0, 0) False True"),  # workers that finish as the signal comes: the run is done, not stopped
+], ids=["saved", "finished"])
+def test_sigterm_is_forwarded_and_the_launcher_waits_for_the_workers(tmp_path, seconds, code, expected):
+    worker = SAVING_WORKER.format(seconds=seconds, code=code)
     script = ("import sys; from mnist_keras.training import launch; "
-              f"r = launch.launch_local([sys.executable, '-c', {SAVING_WORKER!r}, {str(tmp_path)!r}], 2); "
-              "print(r.returncodes, r.preempted, r.describe_failure())")
+              f"r = launch.launch_local([sys.executable, '-c', {worker!r}, {str(tmp_path)!r}], 2); "
+              "print(r.returncodes, r.preempted, r.ok if r.ok else r.describe_failure())")
     launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env_with())
     deadline = time.monotonic() + 30
     while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:  # both handlers installed
@@ -48,9 +54,8 @@ def test_sigterm_is_forwarded_and_the_launcher_waits_for_the_workers_save(tmp_pa
     launcher.send_signal(signal.SIGTERM)
     stdout, _ = launcher.communicate(timeout=launch.PREEMPT_GRACE_SECONDS + 15)
     assert not psutil.wait_procs(workers, timeout=1)[1]
-    # Not killed after the 2 s stop grace: each worker finished its 3 s save and exited 75.
-    assert stdout.strip() == ("(75, 75) True stopped by SIGTERM; every worker saved its place: "
-                              "run the same command again to resume"), stdout
+    # Saved: not killed after the 2 s stop grace, each worker finished its 3 s save and exited 75.
+    assert stdout.strip() == expected, stdout
 
 
 def test_a_preempted_launch_exits_75_with_one_line(capsys):
@@ -61,6 +66,7 @@ def test_a_preempted_launch_exits_75_with_one_line(capsys):
     # Workers that saved on their own (a signal sent to them, not to the launcher) count too.
     assert launch.LaunchResult((75, 75)).preempted and not launch.LaunchResult((75, 75)).ok
     assert not launch.LaunchResult((75, 1)).preempted
+
     # Ctrl-C stops the workers with SIGTERM too (they may save), but stays an interruption (exit 130).
     assert not launch.LaunchResult((75, 75), interrupted=int(signal.SIGINT)).preempted
 

@@ -277,7 +277,9 @@ def launch_local(
             _stop(processes)
             _join(relays)
             shutil.rmtree(worker_tmp, ignore_errors=True)
-    interrupted = stop_signals.received
+    # A signal that came as the workers finished stopped nothing: the run is done.
+    codes = [process.returncode for process in processes]
+    interrupted = stop_signals.received if any(code != 0 for code in codes) else None
     return LaunchResult(tuple(process.returncode for process in processes),
                         failed_worker=None if interrupted else failed, interrupted=interrupted,
                         tails=tuple(tuple(relay.tail) for relay in relays), log_files=tuple(log_files),
