@@ -1,26 +1,19 @@
 """Start N training workers on this machine's loopback ports, as one multi-worker job.
 
-Each worker is the same command with its own `TF_CONFIG` (worker i of N), so
-`MultiWorkerMirroredStrategy` joins them into one cluster. As with `torchrun`
-or `accelerate launch`: worker 0's output is relayed to the console (prefixed
-`[worker 0]`), every worker's full output goes to its log file
-(`<run>/logs/worker-<i>.log`), and the last lines of each are kept so that a
-failure can show them. When any worker fails, the others are stopped at once
-(they would otherwise wait on collectives with a dead peer) and the result
-names the one that failed first; with `max_restarts`, all of them are then
-started again (resuming from the run's backup), up to that many times, as
-torchrun's `--max-restarts` does. SIGINT to the launcher stops every worker
-(SIGTERM, then SIGKILL after STOP_GRACE_SECONDS). SIGTERM (a preemption, or
-the `--preemption-signal`) is forwarded to the workers, which save at their
-next group of steps and exit with EXIT_PREEMPTED (preemption.py); the
-launcher waits up to PREEMPT_GRACE_SECONDS for that before it kills anything.
-The workers run in their own session, so a Ctrl-C in the terminal
-reaches the launcher only and the workers print nothing of their own. Each
-worker gets a private TMPDIR inside one folder that the launcher deletes
-however the workers end, so a killed run leaves nothing in the temp folder.
+Each worker is the same command with its own `TF_CONFIG` (worker i of N). As
+with `torchrun`: worker 0's output is relayed to the console (`[worker 0]`),
+every worker's goes to `<run>/logs/worker-<i>.log`, and the last lines of each
+are kept to show on failure. When a worker fails, the others are stopped at
+once (they would wait on collectives with a dead peer) and the result names
+it; with `max_restarts`, all are then started again from the run's backup, up
+to that many times (torchrun's `--max-restarts`). SIGINT stops every worker
+(SIGTERM, then SIGKILL after STOP_GRACE_SECONDS); SIGTERM (a preemption) is
+forwarded, and the workers get PREEMPT_GRACE_SECONDS to save at their next
+group of steps and exit with EXIT_PREEMPTED (preemption.py). The workers run
+in their own session (a terminal's Ctrl-C reaches the launcher only), with a
+private TMPDIR the launcher deletes however they end.
 
-This module imports neither TensorFlow nor Keras: the launcher itself does no
-TensorFlow work, so it starts instantly and holds no accelerator.
+No TensorFlow here: the launcher starts instantly and holds no accelerator.
 """
 
 from __future__ import annotations
@@ -46,14 +39,12 @@ from mnist_keras.storage import artifacts
 
 logger = logging.getLogger(__name__)
 
-# Seconds a worker gets to exit after SIGTERM before it is killed, when the launcher stops the workers
-# (Ctrl-C, a failed peer). Short: nothing is lost by killing a worker (backups are written atomically).
+# Seconds a worker gets to exit after SIGTERM when the launcher stops it (Ctrl-C, a failed peer): short,
+# nothing is lost by killing it (backups are written atomically).
 STOP_GRACE_SECONDS = 2.0
-# Seconds the workers get to save and exit after a forwarded SIGTERM (a preemption): one group of steps and
-# a save take a few seconds; Slurm's KillWait, after which everything is killed, is 30 s by default.
+# Seconds to save and exit after a forwarded SIGTERM (a group of steps and a save: a few s; Slurm's KillWait: 30 s).
 PREEMPT_GRACE_SECONDS = 30.0
-# Exit statuses after which restarting the workers cannot help (the input is wrong) or is not wanted
-# (they saved on a stop signal and should stay stopped).
+# Exit statuses a restart cannot mend (bad input) or should not undo (saved on a stop signal).
 NOT_RESTARTED = (errors.EXIT_USAGE, errors.EXIT_PREEMPTED)
 POLL_SECONDS = 0.2
 # Lines of each worker's output kept to show when it fails.
@@ -289,10 +280,8 @@ def launch_local(
 def _restart_after(failed: Optional[int], processes: Sequence[subprocess.Popen], restarts: int, max_restarts: int,
                    stop_signals: _StopSignals, labels: Sequence[str]) -> bool:
     """Start every worker again? Only after a failure a restart may mend, with restarts left."""
-    if failed is None or stop_signals.received is not None or restarts >= max_restarts:
-        return False
-    code = processes[failed].returncode
-    if code in NOT_RESTARTED:
+    code = processes[failed].returncode if failed is not None else None
+    if code is None or code in NOT_RESTARTED or stop_signals.received is not None or restarts >= max_restarts:
         return False
     logger.warning("%s failed (exit status %d); restarting every worker from the backup (restart %d of %d)",
                    labels[failed], code, restarts + 1, max_restarts)
