@@ -76,6 +76,7 @@ def test_signal_saves_mid_epoch_and_the_resumed_run_ends_as_an_uninterrupted_one
     assert_same_run(resumed, uninterrupted, folder)
 
 
+@pytest.mark.slow  # half a second of the fast tier's minute
 def test_signal_in_an_epochs_last_group_ends_the_epoch_then_stops(tiny_mnist, tmp_path):
     config = tiny_config(**CONFIG)
     folder = tmp_path / "run"
