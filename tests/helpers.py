@@ -18,6 +18,8 @@ from tests.hooked import train as hooked_train
 from tests.hooked.train import (  # noqa: F401
     CRASH_AFTER_EPOCH_ENV,
     HANG_AFTER_EPOCH_ENV,
+    ONCE_MARKER_ENV,
+    SIGNAL_AT_ENV,
     WEIGHTS_DUMP_ENV,
 )
 

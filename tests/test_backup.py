@@ -1,6 +1,7 @@
 """Epoch-end backups: a run that dies resumes at its first unfinished epoch and ends where an
 uninterrupted run ends (in-process, default and mirrored strategies, synthetic data)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -81,3 +82,76 @@ def test_finished_run_with_stale_backup_is_still_refused(tiny_mnist, tmp_path):
     (folder / backup.BACKUP_DIR).mkdir()
     with pytest.raises(artifacts.OutputExistsError, match="pass --overwrite"):
         train.run(tiny_config(epochs=1), data=tiny_mnist, output_dir=folder)
+
+
+def test_a_kill_between_the_history_write_and_the_checkpoint_save_resumes_consistently(
+        tiny_mnist, tmp_path, monkeypatch):
+    """Epoch 2's history is written, then the process dies before epoch 2's checkpoint: the resumed run
+    trims the history to the checkpoint's epoch (1) and trains epoch 2 again from epoch 1's state, so it
+    ends with each epoch in the history once, with the figures the killed run had logged."""
+    config = tiny_config(epochs=2, batch_size=64, learning_rate=1e-3)
+    folder, logged = tmp_path / "run", {}
+    save = backup.EpochBackup._save
+
+    def die_at_the_second_save(self):
+        if int(self.finished_epochs.numpy()) == 2:
+            logged.update(self.history)  # both epochs' figures, as written
+            raise Crash("killed between the history write and the checkpoint save")
+        save(self)
+
+    monkeypatch.setattr(backup.EpochBackup, "_save", die_at_the_second_save)
+    with pytest.raises(Crash):
+        train.run(config, data=tiny_mnist, output_dir=folder)
+    monkeypatch.undo()
+    assert len(json.loads((folder / backup.BACKUP_DIR / backup.HISTORY_FILE).read_text())["loss"]) == 2
+
+    resumed = train.run(config, data=tiny_mnist, output_dir=folder)
+    assert resumed.metrics["resumed_at_epoch"] == 2
+    history = json.loads((folder / artifacts.HISTORY_FILE).read_text())
+    assert history.keys() == logged.keys()
+    for key, values in logged.items():
+        assert len(values) == 2 and history[key] == pytest.approx(values, abs=1e-6), key
+
+
+def damage_state_file(folder):
+    (folder / "checkpoint").write_text("model_checkpoint_path: \x00\x01 not a checkpoint state {{{")
+
+
+def damage_index(folder):
+    index = next(folder.glob("ckpt-*.index"))
+    index.write_bytes(index.read_bytes()[:20])
+
+
+def damage_data(folder):
+    # Truncated half-way: the variables stored first read back, the rest fail (a half-restored model).
+    data = next(folder.glob("ckpt-*.data-*"))
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+
+
+# Slow tier (the fast tier's budget): test_preemption and the kill test above keep resume in the fast tier.
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [damage_data, damage_index, damage_state_file], ids=["data", "index", "state_file"])
+def test_an_unreadable_backup_is_one_line_and_overwrite_starts_fresh(tiny_mnist, tmp_path, capsys, damage):
+    from mnist_keras import cli
+    from tests.helpers import assert_one_line_error, run_main, write_npz
+
+    folder, logged = tmp_path / "run", []
+    config = tiny_config(epochs=1, batch_size=64, learning_rate=1e-3)
+    with pytest.raises(Crash):  # after epoch 1's backup (its last: a resume would train nothing)
+        train.run(config, data=tiny_mnist, output_dir=folder,
+                  callbacks=[lambda epoch, logs: logged.append(logs), crash_after(1)])
+    damage(folder / backup.BACKUP_DIR)
+
+    with pytest.raises(backup.BackupError) as refused:
+        train.run(config, data=tiny_mnist, output_dir=folder)
+    message = f"backup in {folder / backup.BACKUP_DIR} is unreadable ("
+    assert str(refused.value).startswith(message) and str(refused.value).endswith("; pass --overwrite to start fresh")
+    # On the command line: one line, exit 2.
+    refused_cli = run_main(cli.train_main, "--arch", "mlp_small", "--data-dir", write_npz(tmp_path / "data", tiny_mnist),
+                           "--validation-size", "128", "--output-dir", folder, "--verbose", "0", capsys=capsys)
+    assert_one_line_error(refused_cli, message, "pass --overwrite to start fresh")
+
+    fresh = train.run(dataclasses.replace(config, overwrite=True), data=tiny_mnist, output_dir=folder)
+    assert fresh.metrics["resumed_at_epoch"] is None and not (folder / backup.BACKUP_DIR).exists()
+    # A fresh start (nothing half restored): epoch 1 again, as the first run trained it.
+    assert fresh.history["loss"] == pytest.approx([logged[0]["loss"]], abs=1e-6)

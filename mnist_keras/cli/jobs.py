@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from mnist_keras import console, errors, tables
 from mnist_keras.cli.workers import launch_search, launch_workers
 from mnist_keras.constants import IMAGE_SHAPE
-from mnist_keras.errors import EXIT_FAILURE, EXIT_TERMINATED
+from mnist_keras.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_TERMINATED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +40,16 @@ def train(config, call: Call) -> int:
 
     console.import_tensorflow()
     from mnist_keras.storage import artifacts
+    from mnist_keras.training import preemption
     from mnist_keras.training import train as train_lib
 
     output_dir = None if config.dry_run else (config.output_dir or artifacts.default_run_dir(config.arch))
     try:
         result = train_lib.run(config, output_dir=output_dir, on_stall=functools.partial(_exit_stalled, call.prog))
+    except preemption.Preempted as stopped:  # saved: the same command resumes
+        print(f"{call.prog}: {_worker_name() + ': ' if os.environ.get('TF_CONFIG') else ''}{stopped}",
+              file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except Exception as error:
         # A multi-worker collective aborted (a peer died or stopped answering): one clear line, not a traceback.
         import tensorflow as tf
@@ -135,6 +140,7 @@ def tune(config, call: Call) -> int:
     console.import_tensorflow()
     errors.import_extra("keras_tuner", "tune", "tune.py")
     from mnist_keras.storage import artifacts
+    from mnist_keras.training import preemption
     from mnist_keras.tuning import search as tune_lib
 
     output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
@@ -150,6 +156,9 @@ def tune(config, call: Call) -> int:
     except (tune_lib.SearchFailedError, distributed.ChiefLostError) as error:
         call.error(errors.first_line(error))
         return EXIT_FAILURE
+    except preemption.Preempted as stopped:  # SIGTERM while the winner retrains: the search resumes, then it
+        print(f"{call.prog}: {stopped}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     _print_search(config, result)
     return 0
 

@@ -11,23 +11,27 @@ import sys
 from typing import Optional, Sequence
 
 from mnist_keras import config as config_lib
-from mnist_keras.errors import EXIT_FAILURE
+from mnist_keras.errors import EXIT_FAILURE, EXIT_PREEMPTED
+
+
+# The launcher's own flags, which its workers get as these values instead.
+LAUNCHER_FLAGS = {"--workers": "1", "--max-restarts": "0"}
 
 
 def _without_workers_flag(argv: Sequence[str]) -> list[str]:
-    """argv minus `--workers N` / `--workers=N`."""
+    """argv minus the launcher's flags (`--workers N` / `--workers=N`, `--max-restarts N`)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--workers":
+        elif arg in LAUNCHER_FLAGS:
             skip = True
-        elif not arg.startswith("--workers="):
+        elif not any(arg.startswith(flag + "=") for flag in LAUNCHER_FLAGS):
             kept.append(arg)
     return kept
 
 
-def _worker_command(argv: Optional[Sequence[str]], main: str) -> list[str]:
+def _worker_command(argv: Optional[Sequence[str]], main: str, flags: Sequence[str] = ("--workers",)) -> list[str]:
     """This same command for the processes a launcher starts; `main` names its entry point in mnist_keras.cli."""
     if argv is None and sys.argv and os.path.isfile(sys.argv[0]):
         # The script the user ran (scripts/*.py or the console script), so workers name it in errors.
@@ -37,13 +41,14 @@ def _worker_command(argv: Optional[Sequence[str]], main: str) -> list[str]:
     if argv is None:
         argv = sys.argv[1:]
     # `--workers 1` explicitly: a --config file naming several workers must not make each worker launch more.
-    return [*program, *_without_workers_flag(argv or []), "--workers", "1"]
+    values = [item for flag in flags for item in (flag, LAUNCHER_FLAGS[flag])]
+    return [*program, *_without_workers_flag(argv or []), *values]
 
 
 def launch_workers(prog: str, argv: Optional[Sequence[str]], config) -> int:
     """`train.py --workers N`: run this same command as N local workers (see mnist_keras/training/launch.py)."""
     from mnist_keras.storage import artifacts
-    from mnist_keras.training import launch
+    from mnist_keras.training import launch, preemption
 
     if os.environ.get("TF_CONFIG"):
         raise config_lib.ConfigError("--workers starts its own cluster and cannot be used with TF_CONFIG set; "
@@ -53,7 +58,9 @@ def launch_workers(prog: str, argv: Optional[Sequence[str]], config) -> int:
         # Refused here, before any worker starts; the workers' logs then go into the run folder.
         run_dir = artifacts.prepare_run_dir(config.output_dir or artifacts.default_run_dir(config.arch),
                                             overwrite=config.overwrite)
-    result = launch.launch_local(_worker_command(argv, "train_main"), config.workers, run_dir=run_dir)
+    result = launch.launch_local(_worker_command(argv, "train_main", tuple(LAUNCHER_FLAGS)), config.workers,
+                                 run_dir=run_dir, max_restarts=config.max_restarts,
+                                 preemption_signals=preemption.stop_signals(config.preemption_signal))
     return _report(prog, result)
 
 
@@ -68,6 +75,9 @@ def launch_search(prog: str, argv: Optional[Sequence[str]], tuners: int) -> int:
 def _report(prog: str, result, advice: str = "") -> int:
     """The launch's exit status, and on failure one error line, after the last lines of the process that
     failed (the first process's output is already on the console)."""
+    if result.preempted:
+        print(f"{prog}: {result.describe_failure()}", file=sys.stderr)
+        return EXIT_PREEMPTED
     if result.interrupted is not None:
         print(f"{prog}: {result.describe_failure()}", file=sys.stderr)
         return 128 + result.interrupted

@@ -26,6 +26,9 @@ from mnist_keras.config.fields import (
 from mnist_keras.errors import ConfigError
 from mnist_keras.models import archs
 
+# --preemption-signal: a signal that, like SIGTERM, makes a run save at the next group of steps and exit 75.
+PREEMPTION_SIGNALS = ("none", "USR1", "USR2")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -60,7 +63,13 @@ class TrainConfig:
                                        "before the run fails (0: no limit). Costly: TensorFlow parks one thread "
                                        "per collective for the whole timeout, so threads grow with steps per "
                                        "second times this value; --stall-timeout is the cheap bound.")
-    overwrite: bool = option(False, "Replace an existing finished run in the output folder.")
+    max_restarts: int = option(0, "--workers N: when a worker fails (or a peer stops answering), stop every worker "
+                               "and start them all again from the backup, up to this many times.")
+    preemption_signal: str = option("none", "A signal that, like SIGTERM, saves the run at the next group of steps "
+                                    "and exits with status 75 (to resume); e.g. USR1 with Slurm's "
+                                    "--signal=B:USR1@120.", choices=PREEMPTION_SIGNALS)
+    overwrite: bool = option(False, "Replace an existing finished run in the output folder (and start fresh when "
+                             "the backup of an unfinished one cannot be read).")
     export: bool = option(False, "After training, export the model into <run folder>/export/: a SavedModel, "
                           "every TFLite variant and model.onnx (the onnx extra), each loaded back and scored on "
                           "the test set.")
@@ -118,6 +127,11 @@ class TrainConfig:
             if not module or not attribute:
                 raise ConfigError(f"--callback must be module:attribute (e.g. my_callbacks:make_logger). "
                                   f"Received: {name!r}")
+        check_range("max_restarts", self.max_restarts, minimum=0)
+        check_choice("preemption_signal", self.preemption_signal, PREEMPTION_SIGNALS)
+        if self.max_restarts and self.workers < 2:
+            raise ConfigError(f"--max-restarts restarts the workers of --workers N (N >= 2). "
+                              f"Received: --max-restarts {self.max_restarts} --workers {self.workers}")
         if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
             raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
                               f"Received: --strategy {self.strategy}")

@@ -172,12 +172,14 @@ NO_AUGMENTATION = Augmentation()
 
 def train_dataset_fn(
     images: np.ndarray, labels: np.ndarray, global_batch_size: int, seed: int,
-    epochs: int, initial_epoch: int = 0, augmentation: Augmentation = NO_AUGMENTATION,
+    epochs: int, initial_epoch: int = 0, augmentation: Augmentation = NO_AUGMENTATION, initial_step: int = 0,
 ) -> Callable:
-    """Shuffled training batches for epochs [initial_epoch, epochs), one epoch after another.
+    """Shuffled training batches for epochs [initial_epoch, epochs), one epoch after another, starting
+    `initial_step` global steps into the first.
 
     Each epoch's order depends only on (seed, epoch), so a run resumed at epoch
-    k sees the same batches as an uninterrupted run. Every worker yields exactly
+    k, step s (the batches before it skipped) sees the same batches as an
+    uninterrupted run. Every worker yields exactly
     `steps_per_epoch(len(images), global_batch_size)` steps per epoch, which
     keeps the workers' collectives in lockstep. `augmentation` changes every
     image at random (one vectorised op per batch, seeded by (seed, epoch, step),
@@ -210,8 +212,11 @@ def train_dataset_fn(
                 x = augment(x, augmentation, tf.stack([tf.cast(seed, tf.int64), stream]))
             return x, tf.cast(tf.gather(all_labels, indices), tf.int32)
 
+        # Each global step takes one batch per replica this pipeline feeds; skipping indices is cheap.
+        per_step = input_context.num_replicas_in_sync // input_context.num_input_pipelines
         return (tf.data.Dataset.range(initial_epoch, epochs)
                 .flat_map(epoch_batches)
+                .skip(initial_step * per_step)
                 .map(gather, num_parallel_calls=PIPELINE_PARALLELISM)
                 .prefetch(PREFETCH_BATCHES)
                 .with_options(pipeline_options()))

@@ -1,20 +1,19 @@
 """Start N training workers on this machine's loopback ports, as one multi-worker job.
 
-Each worker is the same command with its own `TF_CONFIG` (worker i of N), so
-`MultiWorkerMirroredStrategy` joins them into one cluster. As with `torchrun`
-or `accelerate launch`: worker 0's output is relayed to the console (prefixed
-`[worker 0]`), every worker's full output goes to its log file
-(`<run>/logs/worker-<i>.log`), and the last lines of each are kept so that a
-failure can show them. When any worker fails, the others are stopped at once
-(they would otherwise wait on collectives with a dead peer) and the result
-names the one that failed first. SIGINT or SIGTERM to the launcher stops every
-worker; the workers run in their own session, so a Ctrl-C in the terminal
-reaches the launcher only and the workers print nothing of their own. Each
-worker gets a private TMPDIR inside one folder that the launcher deletes
-however the workers end, so a killed run leaves nothing in the temp folder.
+Each worker is the same command with its own `TF_CONFIG` (worker i of N). As
+with `torchrun`: worker 0's output is relayed to the console (`[worker 0]`),
+every worker's goes to `<run>/logs/worker-<i>.log`, and the last lines of each
+are kept to show on failure. When a worker fails, the others are stopped at
+once (they would wait on collectives with a dead peer) and the result names
+it; with `max_restarts`, all are then started again from the run's backup, up
+to that many times (torchrun's `--max-restarts`). SIGINT stops every worker
+(SIGTERM, then SIGKILL after STOP_GRACE_SECONDS); SIGTERM (a preemption) is
+forwarded, and the workers get PREEMPT_GRACE_SECONDS to save at their next
+group of steps and exit with EXIT_PREEMPTED (preemption.py). The workers run
+in their own session (a terminal's Ctrl-C reaches the launcher only), with a
+private TMPDIR the launcher deletes however they end.
 
-This module imports neither TensorFlow nor Keras: the launcher itself does no
-TensorFlow work, so it starts instantly and holds no accelerator.
+No TensorFlow here: the launcher starts instantly and holds no accelerator.
 """
 
 from __future__ import annotations
@@ -35,15 +34,18 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, TextIO
 
+from mnist_keras import errors
 from mnist_keras.storage import artifacts
 
 logger = logging.getLogger(__name__)
 
-# Seconds a worker gets to exit after SIGTERM before it is killed. Short: a TensorFlow worker under
-# MultiWorkerMirroredStrategy does not end on SIGTERM (TensorFlow takes the signal as a preemption
-# notice; a worker took 94 s to go, measured), and nothing is lost by killing it: backups are
-# written at epoch ends, atomically.
+# Seconds a worker gets to exit after SIGTERM when the launcher stops it (Ctrl-C, a failed peer): short,
+# nothing is lost by killing it (backups are written atomically).
 STOP_GRACE_SECONDS = 2.0
+# Seconds to save and exit after a forwarded SIGTERM (a group of steps and a save: a few s; Slurm's KillWait: 30 s).
+PREEMPT_GRACE_SECONDS = 30.0
+# Exit statuses a restart cannot mend (bad input) or should not undo (saved on a stop signal).
+NOT_RESTARTED = (errors.EXIT_USAGE, errors.EXIT_PREEMPTED)
 POLL_SECONDS = 0.2
 # Lines of each worker's output kept to show when it fails.
 TAIL_LINES = 20
@@ -65,13 +67,24 @@ class LaunchResult:
     tails: tuple[tuple[str, ...], ...] = ()
     log_files: tuple[Optional[Path], ...] = ()
     names: Optional[tuple[str, ...]] = None  # The workers' labels, when the caller gave them.
+    restarts: int = 0  # How many times every worker was started again after a failure.
 
     @property
     def ok(self) -> bool:
-        return self.failed_worker is None and self.interrupted is None
+        return self.failed_worker is None and self.interrupted is None and not self.preempted
+
+    @property
+    def preempted(self) -> bool:
+        """Every worker saved on a stop signal and exited with EXIT_PREEMPTED: the same command resumes.
+        (Not after Ctrl-C, which stops the workers with SIGTERM too but reports itself as an interruption.)"""
+        return (bool(self.returncodes) and all(code == errors.EXIT_PREEMPTED for code in self.returncodes)
+                and self.interrupted != signal.SIGINT)
 
     def describe_failure(self) -> str:
         """One line naming the failed worker and how it ended (or the signal that stopped the launch)."""
+        if self.preempted:
+            how = f"stopped by {signal.Signals(self.interrupted).name}" if self.interrupted else "preempted"
+            return f"{how}; every worker saved its place: run the same command again to resume"
         if self.interrupted is not None:
             return f"stopped by {signal.Signals(self.interrupted).name}; stopped every worker"
         if self.failed_worker is None:
@@ -139,12 +152,12 @@ class _Relay:
                 log.close()
 
 
-def _stop(processes: Sequence[subprocess.Popen]) -> None:
-    """SIGTERM every live worker, then SIGKILL those still alive after the grace period."""
+def _stop(processes: Sequence[subprocess.Popen], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM every live worker, then SIGKILL those still alive after `grace` seconds."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    deadline = time.monotonic() + grace
     for process in processes:
         try:
             process.wait(timeout=max(deadline - time.monotonic(), 0.1))
@@ -154,13 +167,18 @@ def _stop(processes: Sequence[subprocess.Popen]) -> None:
 
 
 class _StopSignals:
-    """While active (main thread only): SIGINT and SIGTERM are recorded in `received` instead of acting."""
+    """While active (main thread only): SIGINT and the preemption signals (SIGTERM, ...) are recorded in
+    `received` instead of acting."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
+    def __init__(self, preemption_signals: Sequence[int] = (signal.SIGTERM,)) -> None:
         self.received: Optional[int] = None
+        self.preemption_signals = tuple(preemption_signals)
+        self.SIGNALS = (signal.SIGINT, *self.preemption_signals)
         self._previous: dict = {}
+
+    @property
+    def preempted(self) -> bool:
+        return self.received in self.preemption_signals
 
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signum
@@ -176,8 +194,14 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
-def _first_failure(processes: Sequence[subprocess.Popen]) -> Optional[int]:
-    return next((index for index, process in enumerate(processes) if process.poll() not in (None, 0)), None)
+def _first_failure(processes: Sequence[subprocess.Popen], preempted_fails: bool = False) -> Optional[int]:
+    """The first worker that failed. A worker that saved on a stop signal (EXIT_PREEMPTED) has not, while the
+    others may still be saving; once all have exited (`preempted_fails`), it has unless all of them did."""
+    codes = [process.poll() for process in processes]
+    if preempted_fails and all(code == errors.EXIT_PREEMPTED for code in codes):
+        return None
+    passing = (None, 0) if preempted_fails else (None, 0, errors.EXIT_PREEMPTED)
+    return next((index for index, code in enumerate(codes) if code not in passing), None)
 
 
 def launch_local(
@@ -188,6 +212,8 @@ def launch_local(
     run_dir: Optional[Path | str] = None,
     worker_envs: Optional[Sequence[Mapping[str, str]]] = None,
     names: Optional[Sequence[str]] = None,
+    max_restarts: int = 0,
+    preemption_signals: Sequence[int] = (signal.SIGTERM,),
 ) -> LaunchResult:
     """Run `command` as `workers` processes forming one cluster on loopback; wait for all of them.
 
@@ -195,8 +221,11 @@ def launch_local(
     its TF_CONFIG. Worker 0's output goes to `output` (default: stdout) with a
     `[worker 0]` prefix; with a `run_dir`, every worker's output is appended to
     `<run_dir>/logs/worker-<i>.log`. Returns when every worker has exited, as
-    soon as one fails (the others are then stopped), or when the launcher gets
-    SIGINT or SIGTERM (every worker is then stopped).
+    soon as one fails (the others are then stopped; with `max_restarts` left,
+    every worker is started again instead, on fresh ports), or when the
+    launcher gets SIGINT (every worker is then stopped) or one of
+    `preemption_signals` (forwarded as SIGTERM; the workers get
+    PREEMPT_GRACE_SECONDS to save and exit).
 
     For a job that is not a TensorFlow cluster, `worker_envs` gives each
     worker's own variables instead of TF_CONFIG (one mapping per worker), and
@@ -204,9 +233,7 @@ def launch_local(
     """
     if workers < 2:
         raise ValueError(f"--workers must be >= 2 to launch a cluster. Received: {workers}")
-    if worker_envs is None:
-        worker_envs = [{"TF_CONFIG": tf_config} for tf_config in tf_configs(free_loopback_ports(workers))]
-    if len(worker_envs) != workers or (names is not None and len(names) != workers):
+    if worker_envs is not None and len(worker_envs) != workers or (names is not None and len(names) != workers):
         raise ValueError(f"worker_envs and names need one entry per worker. Received: {workers} workers")
     labels = list(names) if names is not None else [f"worker {index}" for index in range(workers)]
     log_files = _log_files(run_dir, workers)
@@ -217,26 +244,53 @@ def launch_local(
     lock = threading.Lock()
     processes: list[subprocess.Popen] = []
     relays: list[_Relay] = []
-    failed = None
-    with _StopSignals() as stop_signals:
+    failed, restarts = None, 0
+    with _StopSignals(preemption_signals) as stop_signals:
         try:
-            for index, worker_env in enumerate(worker_envs):
-                processes.append(_start_worker(command, {**base_env, **worker_env}, worker_tmp / f"worker-{index}"))
-                logger.info("Started %s (pid %d)", labels[index], processes[-1].pid)
-                relays.append(_Relay(processes[-1], log_files[index], (output or sys.stdout) if index == 0 else None,
-                                     f"[{labels[index]}] ", lock))
-            failed = _wait_for_workers(processes, stop_signals)
+            while True:
+                envs = worker_envs or [{"TF_CONFIG": config} for config in tf_configs(free_loopback_ports(workers))]
+                for index, worker_env in enumerate(envs):
+                    tmp = worker_tmp / f"attempt-{restarts}" / f"worker-{index}"
+                    processes.append(_start_worker(command, {**base_env, **worker_env}, tmp))
+                    logger.info("Started %s (pid %d)", labels[index], processes[-1].pid)
+                    relays.append(_Relay(processes[-1], log_files[index],
+                                         (output or sys.stdout) if index == 0 else None, f"[{labels[index]}] ", lock))
+                failed = _wait_for_workers(processes, stop_signals)
+                if not _restart_after(failed, processes, restarts, max_restarts, stop_signals, labels):
+                    break
+                _stop(processes)
+                _join(relays)
+                processes, relays, restarts = [], [], restarts + 1
         finally:
             # Also reached on an exception: never leave workers running.
+            if stop_signals.preempted:
+                _stop(processes, grace=PREEMPT_GRACE_SECONDS)  # they save at their next group of steps
             _stop(processes)
-            for relay in relays:
-                relay.thread.join(timeout=2.0)
+            _join(relays)
             shutil.rmtree(worker_tmp, ignore_errors=True)
-    interrupted = stop_signals.received
+    # A signal that came as the workers finished stopped nothing: the run is done.
+    codes = [process.returncode for process in processes]
+    interrupted = stop_signals.received if any(code != 0 for code in codes) else None
     return LaunchResult(tuple(process.returncode for process in processes),
                         failed_worker=None if interrupted else failed, interrupted=interrupted,
                         tails=tuple(tuple(relay.tail) for relay in relays), log_files=tuple(log_files),
-                        names=tuple(names) if names is not None else None)
+                        names=tuple(names) if names is not None else None, restarts=restarts)
+
+
+def _restart_after(failed: Optional[int], processes: Sequence[subprocess.Popen], restarts: int, max_restarts: int,
+                   stop_signals: _StopSignals, labels: Sequence[str]) -> bool:
+    """Start every worker again? Only after a failure a restart may mend, with restarts left."""
+    code = processes[failed].returncode if failed is not None else None
+    if code is None or code in NOT_RESTARTED or stop_signals.received is not None or restarts >= max_restarts:
+        return False
+    logger.warning("%s failed (exit status %d); restarting every worker from the backup (restart %d of %d)",
+                   labels[failed], code, restarts + 1, max_restarts)
+    return True
+
+
+def _join(relays: Sequence[_Relay]) -> None:
+    for relay in relays:
+        relay.thread.join(timeout=2.0)
 
 
 def _base_env(env: Optional[Mapping[str, str]]) -> dict:
@@ -259,7 +313,7 @@ def _log_files(run_dir: Optional[Path | str], workers: int) -> list[Optional[Pat
 
 def _start_worker(command: Sequence[str], env: dict, tmp: Path) -> subprocess.Popen:
     """One worker with its own TMPDIR, its output (stdout and stderr) on a pipe."""
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     # A session of their own: a terminal's Ctrl-C reaches the launcher, which stops them.
     return subprocess.Popen(list(command), env={**env, "TMPDIR": str(tmp)}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -274,5 +328,5 @@ def _wait_for_workers(processes: Sequence[subprocess.Popen], stop_signals: _Stop
             return failed
         time.sleep(POLL_SECONDS)
     if stop_signals.received is None:  # all exited; one may have failed last
-        return _first_failure(processes)
+        return _first_failure(processes, preempted_fails=True)
     return None

@@ -6,7 +6,10 @@ does) so an end-to-end run takes seconds and never downloads.
 
 With an output folder, the training state is backed up at every epoch end
 into `<output_dir>/backup`; a run started again on a folder holding a backup
-resumes at its first unfinished epoch. Under multi-worker training only the
+resumes at its first unfinished epoch. SIGTERM (or `config.preemption_signal`)
+while such a run trains saves at the next group of steps and raises
+`preemption.Preempted`; started again, the run resumes at that step
+(preemption.py). Under multi-worker training only the
 chief writes the run's results; the other workers write only their backup
 copy (deleted at the end) and their resource log. A watchdog
 (`config.stall_timeout`) calls `on_stall(timeout)` from its thread when no
@@ -36,6 +39,7 @@ from mnist_keras.storage import artifacts
 from mnist_keras.training import backup as backup_lib
 from mnist_keras.training import callbacks as callbacks_lib
 from mnist_keras.training import loop as loop_lib
+from mnist_keras.training import preemption
 from mnist_keras.training import resources as resources_lib
 from mnist_keras.training import strategy as strategy_lib
 from mnist_keras.training import tensorboard as tensorboard_lib
@@ -86,10 +90,11 @@ def augmentation(config: TrainConfig) -> data_lib.Augmentation:
 
 
 def training_loop(config: TrainConfig, model: keras.Model, strategy: tf.distribute.Strategy,
-                  heartbeat: Optional[Callable[[], None]] = None) -> loop_lib.TrainingLoop:
+                  heartbeat: Optional[Callable[[], None]] = None,
+                  stop: Optional[preemption.StopRequest] = None) -> loop_lib.TrainingLoop:
     """The loop that trains `model` as `config` says (batch size, steps per call, label smoothing)."""
     return loop_lib.TrainingLoop(model, strategy, config.batch_size, config.steps_per_execution,
-                                 label_smoothing=config.label_smoothing, heartbeat=heartbeat)
+                                 label_smoothing=config.label_smoothing, heartbeat=heartbeat, stop=stop)
 
 
 def run(
@@ -139,22 +144,28 @@ def run(
     keras.utils.set_random_seed(config.seed)
     model = build_compiled_model(config, len(data.x_train), strategy, **hyperparameters)
     watchdog = stall_watchdog(config, strategy, on_stall)
-    training = training_loop(config, model, strategy, heartbeat=watchdog.tick if watchdog is not None else None)
+    # A stop signal saves and stops only where there is a backup to resume from.
+    stop = preemption.StopRequest(preemption.stop_signals(config.preemption_signal)) if writes else None
+    training = training_loop(config, model, strategy, heartbeat=watchdog.tick if watchdog is not None else None,
+                             stop=stop)
     # Every worker takes part in backups (saving reads variables through collectives); only the
     # chief's lands in the run folder.
     backup = backup_lib.EpochBackup(model, strategy, output_dir, chief=run_dir is not None,
                                     worker=strategy_lib.worker_index(strategy) or 0) if writes else None
-    initial_epoch = backup.restore() if backup is not None else 0
+    start = backup.restore(start_fresh_if_unreadable=config.overwrite) if backup is not None else (
+        backup_lib.ResumePoint())
     epoch_callbacks = [*run_callbacks(config, strategy, data, output_dir if writes else None, run_dir, backup),
                        *callbacks]
     # The watchdog guards every step that needs the other workers: training, backups, the test set.
-    with watchdog if watchdog is not None else contextlib.nullcontext():
-        history, train_seconds = train_model(config, training, data, initial_epoch, epoch_callbacks, backup)
+    # The stop request's handlers go in after the strategy started (TensorFlow's multi-worker runtime
+    # installs a SIGTERM handler of its own).
+    with watchdog if watchdog is not None else contextlib.nullcontext(), stop or contextlib.nullcontext():
+        history, train_seconds = train_model(config, training, data, start, epoch_callbacks, backup)
         test = training.evaluate(data.x_test, data.y_test)
     if backup is not None:
         history = backup.history  # every epoch, including those before a resume
 
-    metrics = run_metrics(config, model, data, strategy, test, initial_epoch, train_seconds,
+    metrics = run_metrics(config, model, data, strategy, test, start, train_seconds,
                           time.perf_counter() - started, hyperparameters)
     logger.info("Test accuracy %.4f, loss %.4f, training %.1f s",
                 metrics["test_accuracy"], metrics["test_loss"], train_seconds)
@@ -202,15 +213,18 @@ def run_callbacks(config: TrainConfig, strategy: tf.distribute.Strategy, data: d
     return callbacks
 
 
-def train_model(config: TrainConfig, training: loop_lib.TrainingLoop, data: data_lib.MnistData, initial_epoch: int,
-                callbacks: list, backup: Optional[backup_lib.EpochBackup]) -> tuple[dict, float]:
-    """Fit from `initial_epoch`; end with the averaged weights when an EMA is kept. Returns history, seconds."""
+def train_model(config: TrainConfig, training: loop_lib.TrainingLoop, data: data_lib.MnistData,
+                start: backup_lib.ResumePoint, callbacks: list,
+                backup: Optional[backup_lib.EpochBackup]) -> tuple[dict, float]:
+    """Fit from `start`; end with the averaged weights when an EMA is kept. Returns history, seconds."""
     validation = (data.x_val, data.y_val) if len(data.x_val) else None
     started = time.perf_counter()
     try:
         history = training.fit(data.x_train, data.y_train, config.epochs, seed=config.seed,
-                               validation_data=validation, initial_epoch=initial_epoch,
-                               callbacks=callbacks, verbose=config.verbose, augmentation=augmentation(config))
+                               validation_data=validation, initial_epoch=start.epoch, initial_step=start.step,
+                               initial_totals=start.totals, callbacks=callbacks, verbose=config.verbose,
+                               augmentation=augmentation(config),
+                               save_step=backup.save_step if backup is not None else None)
     finally:
         if backup is not None:
             backup.discard_worker_copy()
@@ -220,7 +234,7 @@ def train_model(config: TrainConfig, training: loop_lib.TrainingLoop, data: data
 
 
 def run_metrics(config: TrainConfig, model: keras.Model, data: data_lib.MnistData, strategy: tf.distribute.Strategy,
-                test: dict, initial_epoch: int, train_seconds: float, total_seconds: float,
+                test: dict, start: backup_lib.ResumePoint, train_seconds: float, total_seconds: float,
                 hyperparameters: Mapping[str, Any]) -> dict:
     """metrics.json: the test figures, how the run trained, on what, and with which versions."""
     metrics = {
@@ -228,7 +242,8 @@ def run_metrics(config: TrainConfig, model: keras.Model, data: data_lib.MnistDat
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "epochs": config.epochs,
-        "resumed_at_epoch": initial_epoch + 1 if initial_epoch else None,
+        "resumed_at_epoch": start.epoch + 1 if start.epoch or start.step else None,
+        "resumed_at_step": start.step or None,
         "batch_size": config.batch_size,
         "recipe": config.recipe,
         "dtype_policy": model.dtype_policy.name,
