@@ -121,7 +121,8 @@ def run(
         artifacts.check_run_dir(output_dir, overwrite=config.overwrite)  # Errors first, before any start-up line.
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
-                                                              config.collective_timeout)
+                                                              config.collective_timeout, config.cluster,
+                                                              config.connect_timeout)
     config, data = training_data(config, data)
     # Created (and marked as a run folder) once the data is known good: bad data leaves nothing behind.
     run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite) if (
@@ -231,6 +232,7 @@ def run_metrics(config: TrainConfig, model: keras.Model, data: data_lib.MnistDat
         "data_source": data.source,
         "strategy": strategy_lib.strategy_name(strategy),
         "replicas": strategy.num_replicas_in_sync,
+        "workers": strategy_lib.worker_count(strategy),
         "seed": config.seed,
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
