@@ -76,12 +76,6 @@ class Cluster:
     def address(self) -> Optional[str]:
         return self.addresses[self.index] if self.index is not None else None
 
-    def waited_for(self) -> str:
-        """The peers a worker waits for at start-up: worker 0 (which hosts TensorFlow's coordination
-        service, where every worker registers) or, on worker 0, the others."""
-        peers = [0] if self.index else range(1, self.workers)
-        return ", ".join(f"worker {peer} at {self.addresses[peer]}" for peer in peers)
-
 
 # ---------------------------------------------------------------------------
 # Which cluster: TF-free reads of the environment.

@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 import tensorflow as tf
 
 from mnist_keras.config import STRATEGIES, ConfigError, check_choice
+from mnist_keras.errors import EXIT_FAILURE
 from mnist_keras.training import cluster as cluster_lib
 from mnist_keras.training import connect as connect_lib
 
@@ -99,20 +100,39 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
 
 def multi_worker_strategy(cluster: cluster_lib.Cluster, options, connect_timeout: float,
                           on_give_up: Callable[[str, int], None]) -> tf.distribute.MultiWorkerMirroredStrategy:
-    """MultiWorkerMirroredStrategy over `cluster`, its start-up bounded (connect.ConnectWatchdog)."""
+    """MultiWorkerMirroredStrategy over `cluster`, its start-up bounded by `connect_timeout` (connect.py)."""
     if cluster.workers < 2:
         # TensorFlow's own reading of TF_CONFIG, as before: one worker, or none (a single process).
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolver,
                                                          communication_options=options)
-    watchdog = connect_lib.ConnectWatchdog(connect_timeout, cluster.name, cluster.waited_for(), on_give_up)
+    rendezvous = connect_lib.Rendezvous(cluster.addresses, cluster.index, connect_timeout, cluster.name, on_give_up)
+    remaining = rendezvous.wait()
+    # What is left of the bound also bounds TensorFlow's own registration (an hour by default), should a
+    # worker vanish between the rendezvous and it.
+    _configure_coordination_service(cluster, register_timeout=max(remaining, 10.0))
     try:
-        with watchdog:
-            return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolver,
-                                                             communication_options=options)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolver,
+                                                         communication_options=options)
     except tf.errors.OpError as error:
         if "Could not start gRPC server" in str(error):  # the port was taken after check_port_free looked
             raise cluster_lib.PortInUseError(cluster_lib.port_in_use_message(cluster)) from None
+        if isinstance(error, (tf.errors.DeadlineExceededError, tf.errors.UnavailableError)):
+            on_give_up(rendezvous.timeout_message(), EXIT_FAILURE)
         raise
+
+
+def _configure_coordination_service(cluster: cluster_lib.Cluster, register_timeout: float) -> None:
+    """The coordination service as MultiWorkerMirroredStrategy would set it up, with a registration timeout."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    spec = multi_worker_util.normalize_cluster_spec(cluster.resolver.cluster_spec())
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, cluster_register_timeout_in_ms=int(register_timeout * 1000))
 
 
 def _check_devices(devices: Sequence[str]) -> None:
