@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import socket
 from typing import Mapping, Optional
 
@@ -239,15 +240,29 @@ def _tf_config_resolver() -> tf.distribute.cluster_resolver.TFConfigClusterResol
     return resolver
 
 
-def resolve_cluster(name: str = "auto") -> Cluster:
+def resolve_cluster(name: str = "auto", check_port: bool = True) -> Cluster:
     """The cluster `--cluster name` names here (see the module docstring); checks this worker's port."""
     kind = cluster_kind(name)
     if kind == "local":
         return Cluster("local")
     cluster = Cluster(kind, _slurm_resolver() if kind == "slurm" else _tf_config_resolver())
-    if cluster.workers > 1:
+    if cluster.workers > 1 and check_port:
         check_port_free(cluster)
     return cluster
+
+
+def failed_peer(cluster: Cluster, error_text: str) -> Optional[str]:
+    """`worker i at host:port`: the peer a TensorFlow error names (its coordination service lists unhealthy
+    tasks as /job:worker/replica:0/task:i), else the only other worker of a two-worker cluster."""
+    if cluster.resolver is None:
+        return None
+    chiefs = len(cluster.resolver.cluster_spec().as_dict().get("chief", []))
+    named = {(chiefs if job == "worker" else 0) + int(task)
+             for job, task in re.findall(r"/job:(worker|chief)/replica:\d+/task:(\d+)", error_text)}
+    peers = sorted(named - {cluster.index}) or (
+        [1 - cluster.index] if cluster.workers == 2 and cluster.index in (0, 1) else [])
+    return ", ".join(f"worker {peer} at {cluster.addresses[peer]}" for peer in peers
+                     if peer < cluster.workers) or None
 
 
 def check_port_free(cluster: Cluster) -> None:

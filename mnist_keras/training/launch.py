@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, TextIO
 
 from mnist_keras.storage import artifacts
+from mnist_keras.training import devices
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,9 @@ def launch_local(
     if workers < 2:
         raise ValueError(f"--workers must be >= 2 to launch a cluster. Received: {workers}")
     if worker_envs is None:
-        worker_envs = [{"TF_CONFIG": tf_config} for tf_config in tf_configs(free_loopback_ports(workers))]
+        worker_envs = [{"TF_CONFIG": tf_config, **devices}
+                       for tf_config, devices in zip(tf_configs(free_loopback_ports(workers)),
+                                                     devices.worker_devices(workers, env))]
     if len(worker_envs) != workers or (names is not None and len(names) != workers):
         raise ValueError(f"worker_envs and names need one entry per worker. Received: {workers} workers")
     labels = list(names) if names is not None else [f"worker {index}" for index in range(workers)]
