@@ -263,3 +263,16 @@ def test_launcher_sets_each_workers_visible_gpus(tmp_path):
                                  output=open(os.devnull, "w"), run_dir=tmp_path)
     assert result.ok
     assert [(tmp_path / "logs" / f"worker-{index}.log").read_text() for index in (0, 1)] == ["0\n", "1\n"]
+
+
+def test_a_search_across_a_slurm_steps_tasks_puts_the_oracle_on_task_0(environ):
+    from mnist_keras.cli.workers import search_role
+    from mnist_keras.config import TuneConfig
+
+    environ(slurm_step(procid=2, tasks=3, nodes="n[7-9]", per_node="1(x3)"))
+    role = search_role(TuneConfig())
+    assert (role.tuner_id, role.ip, role.port) == ("tuner1", "n7", cluster_lib.slurm_port_base(slurm_step(), 1))
+    environ({"SLURM_PROCID": "0"})
+    assert search_role(TuneConfig()).is_chief
+    with pytest.raises(ConfigError, match="would each train alone"):
+        search_role(TuneConfig(cluster="local"))

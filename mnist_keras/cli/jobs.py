@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from mnist_keras import console, errors, tables
-from mnist_keras.cli.workers import launch_search, launch_workers
+from mnist_keras.cli.workers import launch_search, launch_workers, search_role
 from mnist_keras.constants import IMAGE_SHAPE
 from mnist_keras.errors import EXIT_FAILURE, EXIT_TERMINATED
 
@@ -137,6 +137,8 @@ def tune(config, call: Call) -> int:
     errors.import_extra("keras_tuner", "tune", "tune.py")
     from mnist_keras.storage import artifacts
     from mnist_keras.tuning import search as tune_lib
+
+    role = role or search_role(config)  # the tasks of a Slurm step (--cluster)
 
     output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
     try:
