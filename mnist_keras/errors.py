@@ -19,9 +19,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # a run that failed, or an error the package did not foresee (its traceback kept)
 EXIT_USAGE = 2  # input the user must fix: one line on stderr
 EXIT_STALLED = 1  # a multi-worker step that never finished (the watchdog's hard exit)
+EXIT_PREEMPTED = 75  # preempted (SIGTERM): saved; run the same command again to resume
 EXIT_INTERRUPTED = 128 + 2  # Ctrl-C (SIGINT), as a shell reports it
 EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it killed
-EXIT_PREEMPTED = 75  # preempted (SIGTERM): saved; run the same command again to resume
 
 
 class UsageError(Exception):

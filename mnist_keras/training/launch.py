@@ -206,8 +206,8 @@ def launch_local(
     if workers < 2:
         raise ValueError(f"--workers must be >= 2 to launch a cluster. Received: {workers}")
     if worker_envs is None:
-        worker_envs = [{"TF_CONFIG": tf_config, **devices}
-                       for tf_config, devices in zip(tf_configs(free_loopback_ports(workers)),
+        worker_envs = [{"TF_CONFIG": tf_config, **gpus}
+                       for tf_config, gpus in zip(tf_configs(free_loopback_ports(workers)),
                                                      devices.worker_devices(workers, env))]
     if len(worker_envs) != workers or (names is not None and len(names) != workers):
         raise ValueError(f"worker_envs and names need one entry per worker. Received: {workers} workers")
