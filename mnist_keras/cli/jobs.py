@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from mnist_keras import console, errors, tables
-from mnist_keras.cli.workers import launch_search, launch_workers
+from mnist_keras.cli.workers import launch_search, launch_workers, search_role
 from mnist_keras.constants import IMAGE_SHAPE
 from mnist_keras.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_TERMINATED
 
@@ -54,11 +54,14 @@ def train(config, call: Call) -> int:
         # A multi-worker collective aborted (a peer died or stopped answering): one clear line, not a traceback.
         import tensorflow as tf
 
-        if not (os.environ.get("TF_CONFIG") and isinstance(error, tf.errors.OpError)):
+        from mnist_keras.training import cluster as cluster_lib
+
+        if not (cluster_lib.in_multi_worker_cluster() and isinstance(error, tf.errors.OpError)):
             raise
-        call.error(f"{_worker_name()}: multi-worker training stopped: a worker stopped answering "
-                   f"({type(error).__name__}: {_peer_failure_detail(error)}). Start every worker again to resume "
-                   "from the last epoch's backup.")
+        peer = cluster_lib.failed_peer(cluster_lib.resolve_cluster(config.cluster, check_port=False), str(error))
+        call.error(f"{_worker_name()}: multi-worker training stopped: a worker stopped answering"
+                   f"{': ' + peer if peer else ''} ({type(error).__name__}: {_peer_failure_detail(error)}). "
+                   "Start every worker again to resume from the last epoch's backup.")
         return EXIT_FAILURE
     metrics = result.metrics
     print(f"{config.arch}: test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
@@ -87,7 +90,9 @@ def _peer_failure_detail(error: Exception) -> str:
         # A worker whose heartbeats to the coordination service (on worker 0) get no answer.
         if "CoordinationService/Heartbeat" in line:
             return "the coordination service on worker 0 stopped answering heartbeats"
-    return lines[0] if lines else type(error).__name__
+    # "Graph execution error:" and the traceback of the op say nothing of the peer.
+    useful = [line for line in lines if not line.startswith(("Graph execution error", "Detected at node", "File "))]
+    return (useful or lines or [type(error).__name__])[0]
 
 
 def _exit_stalled(prog: str, timeout: float) -> None:
@@ -142,6 +147,8 @@ def tune(config, call: Call) -> int:
     from mnist_keras.storage import artifacts
     from mnist_keras.training import preemption
     from mnist_keras.tuning import search as tune_lib
+
+    role = role or search_role(config)  # the tasks of a Slurm step (--cluster)
 
     output_dir = config.output_dir or artifacts.default_run_dir(config.arch, artifacts.DEFAULT_ROOT / "tune")
     try:

@@ -72,6 +72,28 @@ def launch_search(prog: str, argv: Optional[Sequence[str]], tuners: int) -> int:
     return _report(prog, result, advice="; run the same command again to resume the search")
 
 
+def search_role(config):
+    """This process's role in a search across the tasks of a Slurm step (`--cluster slurm`, or auto in a step
+    of several tasks): task 0 holds the oracle on the step's first node, the others are tuner0, tuner1, ...
+    None for a one-process search. Imports TensorFlow (the cluster module does)."""
+    from mnist_keras.training import cluster as cluster_lib
+    from mnist_keras.tuning import distributed
+
+    kind = cluster_lib.cluster_kind(config.cluster)
+    if kind == "tf_config":
+        raise config_lib.ConfigError("--cluster tf_config: a search's processes come from a Slurm step or from "
+                                     "keras-tuner's KERASTUNER_* variables, not TF_CONFIG (a trial trains in one "
+                                     "process). Received: TF_CONFIG set")
+    if kind != "slurm":
+        return None
+    environ = os.environ
+    per_node = max(cluster_lib.slurm_lib.expand_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE", "1")))
+    host = cluster_lib.slurm_lib.expand_hostlist(environ["SLURM_STEP_NODELIST"])[0]
+    task = int(environ["SLURM_PROCID"])
+    return distributed.Role(distributed.CHIEF_ID if task == 0 else f"tuner{task - 1}", host,
+                            cluster_lib.slurm_port_base(environ, per_node))
+
+
 def _report(prog: str, result, advice: str = "") -> int:
     """The launch's exit status, and on failure one error line, after the last lines of the process that
     failed (the first process's output is already on the console)."""

@@ -17,6 +17,7 @@ This package is the ground floor: it imports neither TensorFlow nor Keras, so
 """
 
 from mnist_keras.config.fields import (  # noqa: F401
+    CLUSTERS,
     DATA_SOURCES,
     INT8_IO_TYPES,
     LR_SCHEDULES,

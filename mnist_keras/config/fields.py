@@ -18,6 +18,9 @@ from mnist_keras.models import archs
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 # A search runs trials one after another in one process: multi-worker is not offered.
 TUNE_STRATEGIES = ("auto", "default", "one_device", "mirrored")
+# Where the workers of a run come from (training/cluster.py): auto picks slurm inside a Slurm step of
+# several tasks, else tf_config when TF_CONFIG is set, else local (one process).
+CLUSTERS = ("auto", "local", "tf_config", "slurm")
 DATA_SOURCES = ("auto", "local", "keras", "tfds")
 LR_SCHEDULES = ("cosine", "constant")
 # TFLite variants the export writes: float32, dynamic-range (int8 weights, float
@@ -95,6 +98,11 @@ def data_dir_option():
 
 def devices_option():
     return option((), "Comma-separated devices for one_device/mirrored, e.g. /gpu:0,/gpu:1.", metavar="DEV[,DEV...]")
+
+
+def cluster_option(help: str):
+    """--cluster: where this process's fellow workers come from."""
+    return option("auto", help, choices=CLUSTERS)
 
 
 def output_dir_option(help: str):

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 from mnist_keras.config.fields import (
+    CLUSTERS,
     INT8_IO_TYPES,
     LR_SCHEDULES,
     STRATEGIES,
@@ -17,6 +18,7 @@ from mnist_keras.config.fields import (
     check_choice,
     check_data_options,
     check_range,
+    cluster_option,
     data_dir_option,
     data_source_option,
     devices_option,
@@ -45,9 +47,15 @@ class TrainConfig:
     seed: int = option(1, "Random seed for weights, the validation split and shuffling.")
     steps_per_execution: int = option(100, "Training steps run per tf.function call "
                                       "(fewer Python round trips; the progress bar moves in these steps).")
-    strategy: str = option("auto", "tf.distribute strategy. auto: multi_worker when TF_CONFIG names "
+    strategy: str = option("auto", "tf.distribute strategy. auto: multi_worker when the cluster (--cluster) has "
                            "several workers, mirrored when several GPUs are visible, else default.",
                            choices=STRATEGIES)
+    cluster: str = cluster_option("Where the other workers come from. slurm: the tasks of this Slurm step "
+                                  "(srun -n N), ports from the job; tf_config: TF_CONFIG; local: none (one "
+                                  "process); auto: slurm in a step of several tasks, else tf_config when "
+                                  "TF_CONFIG is set, else local.")
+    connect_timeout: float = option(300.0, "multi_worker: seconds a worker waits at start-up for the others to "
+                                    "join before it exits with an error naming the address it waited for.")
     devices: tuple = devices_option()
     data_source: str = data_source_option()
     data_dir: Optional[str] = data_dir_option()
@@ -132,6 +140,11 @@ class TrainConfig:
         if self.max_restarts and self.workers < 2:
             raise ConfigError(f"--max-restarts restarts the workers of --workers N (N >= 2). "
                               f"Received: --max-restarts {self.max_restarts} --workers {self.workers}")
+        check_choice("cluster", self.cluster, CLUSTERS)
+        check_range("connect_timeout", self.connect_timeout, minimum=0.0, exclusive=True)
+        if self.workers > 1 and self.cluster not in ("auto", "local"):
+            raise ConfigError(f"--workers {self.workers} starts its own cluster on this machine; drop it, or "
+                              f"--cluster. Received: --cluster {self.cluster}")
         if self.workers > 1 and self.strategy not in ("auto", "multi_worker"):
             raise ConfigError(f"--workers {self.workers} needs --strategy auto or multi_worker. "
                               f"Received: --strategy {self.strategy}")
@@ -226,6 +239,10 @@ class TuneConfig:
     strategy: str = option("auto", "tf.distribute strategy for every trial (single worker).",
                            choices=TUNE_STRATEGIES)
     devices: tuple = devices_option()
+    cluster: str = cluster_option("Where the search's processes come from. slurm: the tasks of this Slurm "
+                                  "step (srun -n N: task 0 holds the oracle, the others train trials); local: "
+                                  "one process (or --workers); auto: slurm in a step of several tasks, else "
+                                  "local. tf_config: refused (a trial trains in one process).")
     data_source: str = data_source_option()
     data_dir: Optional[str] = data_dir_option()
     output_dir: Optional[str] = output_dir_option("Search folder. Default: saved_models/tune/<arch>.")
@@ -243,6 +260,7 @@ class TuneConfig:
         check_arch(self)
         check_choice("tuner", self.tuner, TUNERS)
         check_choice("strategy", self.strategy, TUNE_STRATEGIES)
+        check_choice("cluster", self.cluster, CLUSTERS)
         check_data_options(self)
         if self.lr_schedule is not None:
             check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)

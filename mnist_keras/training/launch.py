@@ -36,6 +36,7 @@ from typing import Mapping, Optional, Sequence, TextIO
 
 from mnist_keras import errors
 from mnist_keras.storage import artifacts
+from mnist_keras.training import devices
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,8 @@ def launch_local(
     with _StopSignals(preemption_signals) as stop_signals:
         try:
             while True:
-                envs = worker_envs or [{"TF_CONFIG": config} for config in tf_configs(free_loopback_ports(workers))]
+                envs = worker_envs or [{"TF_CONFIG": config, **gpus} for config, gpus in zip(
+                    tf_configs(free_loopback_ports(workers)), devices.worker_devices(workers, env))]
                 for index, worker_env in enumerate(envs):
                     tmp = worker_tmp / f"attempt-{restarts}" / f"worker-{index}"
                     processes.append(_start_worker(command, {**base_env, **worker_env}, tmp))

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
 from mnist_keras.config import STRATEGIES, ConfigError, check_choice
+from mnist_keras.errors import EXIT_FAILURE
+from mnist_keras.training import cluster as cluster_lib
+from mnist_keras.training import connect as connect_lib
 
 logger = logging.getLogger(__name__)
 
@@ -20,27 +21,14 @@ DEFAULT_COLLECTIVE_TIMEOUT = 0.0
 
 
 def tf_config_task_index() -> Optional[int]:
-    """This process's worker index in TF_CONFIG (None when TF_CONFIG is unset or names no task)."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return None
-    try:
-        index = json.loads(raw).get("task", {}).get("index")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    return int(index) if isinstance(index, int) else None
+    """This process's worker index in its cluster (TF_CONFIG's task, or the Slurm step's task), None outside one."""
+    name = cluster_lib.task_name()
+    return int(name.rpartition(" ")[2]) if name.startswith("worker ") else None
 
 
 def tf_config_worker_count() -> int:
     """How many workers TF_CONFIG names (0 when it is unset or names none)."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return 0
-    try:
-        cluster = json.loads(raw).get("cluster", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise ConfigError(f"TF_CONFIG is not a JSON object. Received: {raw[:80]!r}") from None
-    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    return cluster_lib.tf_config_workers()
 
 
 def configure_logical_cpus(count: int) -> None:
@@ -53,11 +41,17 @@ def configure_logical_cpus(count: int) -> None:
 
 
 def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
-                     collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> tf.distribute.Strategy:
+                     collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT, cluster: str | cluster_lib.Cluster = "auto",
+                     connect_timeout: float = connect_lib.DEFAULT_CONNECT_TIMEOUT,
+                     on_give_up: Callable[[str, int], None] = connect_lib.give_up) -> tf.distribute.Strategy:
     """The strategy called `name`.
 
-    auto: multi_worker when TF_CONFIG names more than one worker, mirrored over
-    all GPUs when more than one is visible, else the default strategy.
+    auto: multi_worker when the cluster (`cluster`: a --cluster name, resolved
+    by training/cluster.py, or a resolved Cluster) has more than one worker,
+    mirrored over all GPUs when more than one is visible, else the default
+    strategy. A multi-worker strategy waits at most `connect_timeout` seconds
+    for the other workers; then, or on SIGTERM/SIGINT meanwhile, it calls
+    `on_give_up(line, exit status)` (default: log the line and exit).
 
     A multi-worker run must not hang when a peer dies: TensorFlow's coordination
     service (which MultiWorkerMirroredStrategy starts, with heartbeats) aborts
@@ -69,8 +63,10 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
     """
     devices = list(devices)
     check_choice("strategy", name, STRATEGIES)
+    if isinstance(cluster, str):
+        cluster = cluster_lib.resolve_cluster(cluster)
     if name == "auto":
-        if tf_config_worker_count() > 1:
+        if cluster.workers > 1:
             name = "multi_worker"
         elif devices:
             name = "mirrored" if len(devices) > 1 else "one_device"
@@ -84,7 +80,7 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
                              "(each worker uses its local GPUs, or its CPU)")
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=collective_timeout if collective_timeout > 0 else None)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        strategy = multi_worker_strategy(cluster, options, connect_timeout, on_give_up)
     elif name == "mirrored":
         _check_devices(devices)
         strategy = tf.distribute.MirroredStrategy(devices or None)
@@ -100,6 +96,43 @@ def resolve_strategy(name: str = "auto", devices: Sequence[str] = (),
         strategy = tf.distribute.get_strategy()
     logger.info("Strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
     return strategy
+
+
+def multi_worker_strategy(cluster: cluster_lib.Cluster, options, connect_timeout: float,
+                          on_give_up: Callable[[str, int], None]) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """MultiWorkerMirroredStrategy over `cluster`, its start-up bounded by `connect_timeout` (connect.py)."""
+    if cluster.workers < 2:
+        # TensorFlow's own reading of TF_CONFIG, as before: one worker, or none (a single process).
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolver,
+                                                         communication_options=options)
+    rendezvous = connect_lib.Rendezvous(cluster.addresses, cluster.index, connect_timeout, cluster.name, on_give_up)
+    remaining = rendezvous.wait()
+    # What is left of the bound also bounds TensorFlow's own registration (an hour by default), should a
+    # worker vanish between the rendezvous and it.
+    _configure_coordination_service(cluster, register_timeout=max(remaining, 10.0))
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolver,
+                                                         communication_options=options)
+    except tf.errors.OpError as error:
+        if "Could not start gRPC server" in str(error):  # the port was taken after check_port_free looked
+            raise cluster_lib.PortInUseError(cluster_lib.port_in_use_message(cluster)) from None
+        if isinstance(error, (tf.errors.DeadlineExceededError, tf.errors.UnavailableError)):
+            on_give_up(rendezvous.timeout_message(), EXIT_FAILURE)
+        raise
+
+
+def _configure_coordination_service(cluster: cluster_lib.Cluster, register_timeout: float) -> None:
+    """The coordination service as MultiWorkerMirroredStrategy would set it up, with a registration timeout."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    spec = multi_worker_util.normalize_cluster_spec(cluster.resolver.cluster_spec())
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, cluster_register_timeout_in_ms=int(register_timeout * 1000))
 
 
 def _check_devices(devices: Sequence[str]) -> None:
@@ -142,6 +175,13 @@ def worker_index(strategy: tf.distribute.Strategy) -> Optional[int]:
     if resolver is None or not resolver.cluster_spec().as_dict():
         return None
     return int(resolver.task_id)
+
+
+def worker_count(strategy: tf.distribute.Strategy) -> int:
+    """How many worker processes train together under `strategy` (1 outside multi-worker runs)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return max(len(spec.get("chief", [])) + len(spec.get("worker", [])), 1)
 
 
 def mixed_precision_policy() -> str:

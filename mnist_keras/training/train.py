@@ -135,7 +135,8 @@ def run(
         tf.config.experimental.enable_op_determinism()  # with the seeds set below: bit-identical runs
     # Resolve the strategy first: MultiWorkerMirroredStrategy must exist before other TF ops.
     strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
-                                                              config.collective_timeout)
+                                                              config.collective_timeout, config.cluster,
+                                                              config.connect_timeout)
     config, data = training_data(config, data)
     # Created (and marked as a run folder) once the data is known good: bad data leaves nothing behind.
     run_dir = artifacts.prepare_run_dir(output_dir, overwrite=config.overwrite) if (
@@ -256,6 +257,7 @@ def run_metrics(config: TrainConfig, model: keras.Model, data: data_lib.MnistDat
         "data_source": data.source,
         "strategy": strategy_lib.strategy_name(strategy),
         "replicas": strategy.num_replicas_in_sync,
+        "workers": strategy_lib.worker_count(strategy),
         "seed": config.seed,
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,

@@ -44,6 +44,7 @@ from mnist_keras.config import ConfigError, TuneConfig, config_to_dict, flag_nam
 from mnist_keras.data import pipeline as data_lib
 from mnist_keras.models import archs
 from mnist_keras.storage import artifacts, folders
+from mnist_keras.training import cluster as cluster_lib
 from mnist_keras.training import strategy as strategy_lib
 from mnist_keras.training import train
 from mnist_keras.tuning.hypermodel import (
@@ -138,7 +139,9 @@ def _check_same_search(folder: Path, config: TuneConfig) -> None:
 def trial_strategy(config: TuneConfig, strategy: Optional[tf.distribute.Strategy]) -> tf.distribute.Strategy:
     """The (single-worker) strategy every trial of this process trains under; usage errors as ConfigError."""
     check_search_space(config)
-    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices)
+    # Trials train in this process alone, whatever cluster the search's processes form (--cluster).
+    strategy = strategy or strategy_lib.resolve_strategy(config.strategy, config.devices,
+                                                         cluster=cluster_lib.Cluster("local"))
     if strategy_lib.strategy_name(strategy) == "multi_worker":
         raise ConfigError("--strategy: a trial trains in one process; multi-worker training is not supported. "
                           "Received: multi_worker (TF_CONFIG is set)")
