@@ -5,10 +5,12 @@ multi-worker run here is a subprocess (`train.py --workers 2`).
 """
 
 import json
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from mnist_keras import cli
@@ -54,15 +56,18 @@ def test_launcher_shows_worker_0_and_logs_every_worker(tmp_path):
 
 
 def test_launcher_stops_the_others_and_names_the_failed_worker(tmp_path):
-    # Worker 1 dies at once; worker 0 would sleep for a minute.
+    # Worker 1 dies at once; worker 0 would sleep for a minute. Each writes its pid first.
     script = ("import json, os, sys, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
-              "sys.exit(3) if i == 1 else time.sleep(60)")
-    script = script.replace("sys.exit(3)", "print('dying') or sys.exit(3)")
+              f"open(os.path.join({str(tmp_path)!r}, f'pid-{{i}}'), 'w').write(str(os.getpid())); "
+              "print('dying') or sys.exit(3) if i == 1 else time.sleep(60)")
     started = time.monotonic()
     with open(tmp_path / "log.txt", "w") as handle:
         result = launch.launch_local([sys.executable, "-c", script], 2, output=handle, run_dir=tmp_path / "run")
     assert time.monotonic() - started < 30
-    assert result.failed_worker == 1 and result.returncodes[1] == 3 and result.returncodes[0] != 0
+    # The survivor was stopped (SIGTERM) and reaped, not left running: a still-running worker's code is None.
+    assert result.failed_worker == 1 and result.returncodes == (-signal.SIGTERM, 3)
+    survivor = int((tmp_path / "pid-0").read_text())
+    assert not psutil.pid_exists(survivor) or psutil.Process(survivor).status() == psutil.STATUS_ZOMBIE
     assert result.describe_failure() == ("worker 1 failed (exit status 3); stopped the other workers; "
                                          f"its log: {tmp_path / 'run' / artifacts.worker_log_file(1)}")
     assert result.tails[1] == ("dying",)
