@@ -12,19 +12,20 @@ set -euo pipefail
 target=${1:-list}
 shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
-# Fast tests only, stopping at the first failure; no cache (every mutant starts clean).
+# Fast tests only, stopping at the first failure; no cache (every mutant starts clean). mutmut 2 counts
+# only exit status 1 as "killed", so a mutant that breaks the import (pytest's 2) is mapped to 1.
 pytest="python -m pytest -x -q -p no:cacheprovider"
 
 case "$target" in
   launcher)  # no TensorFlow: about a second per mutant
     paths=mnist_keras/training/launch.py
-    runner="$pytest --noconftest tests/test_launch.py" ;;
+    tests="--noconftest tests/test_launch.py" ;;
   scoring)   # export scoring: the quantization of a TFLite model's inputs and outputs, and the records
     paths=mnist_keras/export/runtimes.py
-    runner="$pytest tests/test_export.py -m 'not slow'" ;;
+    tests="tests/test_export.py -m 'not slow'" ;;
   console)   # the one-line errors and what reaches the terminal
     paths=mnist_keras/console.py,mnist_keras/cli/commands.py
-    runner="$pytest tests/test_cli.py tests/test_failures.py -m 'not slow'" ;;
+    tests="tests/test_cli.py tests/test_failures.py -m 'not slow'" ;;
   list)  # these targets
     sed -n '/^case/,/^esac/p' "$0" | grep -E '^  [a-z]+\)' | sed 's/).*#/:/; s/)//'
     exit 0 ;;
@@ -33,6 +34,7 @@ case "$target" in
     exit 2 ;;
 esac
 
+runner="bash -c \"$pytest $tests || exit 1\""
 work=$(mktemp -d "${TMPDIR:-/tmp}/mnist_keras_mutate_${target}_XXXX")
 (cd "$repo" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$work"
 cd "$work"
