@@ -17,7 +17,7 @@ EXTRAS = {
     # package (.ci/run installs it with apt-get; Playwright's own download is not used).
     "browser": ["gradio>=6.31,<6.32", "playwright>=1.65"],
     # Mutation testing by hand, never in CI (tests/mutate.sh, docs/testing.md); mutmut 3 works differently.
-    "mutation": ["mutmut>=2.5,<3"],
+    "mutation": ["mutmut>=2.5,<3", "whatthepatch>=1.0"],
 }
 # Everything but the GPU build (CI and the tests run on CPU) and the mutation tool (run by hand).
 EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items()
