@@ -91,10 +91,11 @@ def test_workers_get_their_own_environment_and_temporary_folder(tmp_path, caplog
     """worker_envs and names instead of TF_CONFIG; a stale TF_CONFIG is not passed on; each worker has a
     TMPDIR of its own inside one folder that is gone afterwards, and a session of its own."""
     keys = ("TF_CONFIG", "TMPDIR", "SHARED", "INDEX", "PYTHONUNBUFFERED")
-    script = worker_script(f"print(json.dumps({{k: os.environ.get(k) for k in {keys!r}}})); "
+    script = worker_script(f"print(json.dumps({{'pid': os.getpid(), **{{k: os.environ.get(k) for k in {keys!r}}}}})); "
                            "print(os.getsid(0) == os.getpid(), end='')")
     output = tmp_path / "console.txt"
     env = {**env_with(), "TF_CONFIG": "stale", "SHARED": "yes"}
+    env.pop("PYTHONUNBUFFERED", None)  # the launcher sets it
     with open(output, "w") as handle, caplog.at_level(logging.INFO, logger=launch.__name__):
         result = launch.launch_local([sys.executable, "-c", script], 2, env=env, output=handle,
                                      worker_envs=[{"INDEX": "0"}, {"INDEX": "1"}], names=["first", "second"])
@@ -102,8 +103,8 @@ def test_workers_get_their_own_environment_and_temporary_folder(tmp_path, caplog
     seen = [json.loads(tail[0]) for tail in result.tails]
     folders = {Path(worker["TMPDIR"]).parent for worker in seen}
     for index, worker in enumerate(seen):
-        assert worker == {"TF_CONFIG": None, "TMPDIR": worker["TMPDIR"], "SHARED": "yes", "INDEX": str(index),
-                          "PYTHONUNBUFFERED": "1"}
+        assert worker == {"pid": worker["pid"], "TF_CONFIG": None, "TMPDIR": worker["TMPDIR"], "SHARED": "yes",
+                          "INDEX": str(index), "PYTHONUNBUFFERED": "1"}
         assert Path(worker["TMPDIR"]).name == f"worker-{index}"
         # Its last line had no newline: kept as it was.
         assert result.tails[index][1] == "True", "a worker shares the launcher's session"
@@ -111,7 +112,8 @@ def test_workers_get_their_own_environment_and_temporary_folder(tmp_path, caplog
     assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("mnist_keras_workers_")
     assert not folder.exists()
     assert output.read_text().splitlines() == [f"[first] {result.tails[0][0]}", "[first] True"]
-    assert "Started first (pid" in caplog.text and "Started second (pid" in caplog.text
+    started = [record.getMessage() for record in caplog.records if record.name == launch.__name__]
+    assert started == [f"Started {name} (pid {worker['pid']})" for name, worker in zip(("first", "second"), seen)]
 
 
 def test_a_failed_workers_last_lines_are_kept(tmp_path):
