@@ -13,8 +13,9 @@ target=${1:-list}
 shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # Fast tests only, stopping at the first failure; no cache (every mutant starts clean). mutmut 2 counts
-# only exit status 1 as "killed", so a mutant that breaks the import (pytest's 2) is mapped to 1.
-pytest="python -m pytest -x -q -p no:cacheprovider"
+# only exit status 1 as "killed", so any failure (a mutant that breaks the import makes pytest exit 2)
+# is mapped to 1; pytest runs in that one process, so mutmut's timeout kill ends it (not a wrapper).
+pytest="python -c 'import sys, pytest; sys.exit(1 if pytest.main(sys.argv[1:]) else 0)' -x -q -p no:cacheprovider"
 only=""  # functions to mutate (all of the module when empty), to keep a slow target's run bounded
 
 case "$target" in
@@ -53,7 +54,7 @@ case "$target" in
     exit 2 ;;
 esac
 
-runner="bash -c \"$pytest $tests || exit 1\""
+runner="$pytest $tests"
 work=$(mktemp -d "${TMPDIR:-/tmp}/mnist_keras_mutate_${target}_XXXX")
 (cd "$repo" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$work"
 cd "$work"
