@@ -314,7 +314,7 @@ def test_by_hand_a_dead_chief_ends_the_tuner_with_one_line(tiny_mnist, tmp_path)
         wait_for_runs(out, 2)
         chief.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        output, _ = hypermodel.communicate(timeout=120)
+        output, _ = tuner.communicate(timeout=120)
         took = time.monotonic() - killed
     finally:
         for process in (chief, tuner):
@@ -322,7 +322,7 @@ def test_by_hand_a_dead_chief_ends_the_tuner_with_one_line(tiny_mnist, tmp_path)
                 process.kill()
                 process.wait()
     errors = [line for line in output.splitlines() if "error:" in line]
-    assert hypermodel.returncode == 1 and len(errors) == 1, output
+    assert tuner.returncode == 1 and len(errors) == 1, output
     assert "tuner0 lost the oracle chief at 127.0.0.1" in errors[0]
     # --worker-timeout, plus a heartbeat or the end of a trial: far below keras-tuner's own hour.
     assert took < 60, took
