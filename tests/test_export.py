@@ -275,3 +275,19 @@ def test_a_mixed_precision_model_exports_in_float32(tiny_mnist, tmp_path):
                                  tmp_path / "model.keras", tmp_path / "export", data=tiny_mnist)
     assert set(result.artifacts) == {"saved_model", "tflite_fp32", "tflite_int8"}
     assert abs(result.artifacts["tflite_fp32"]["accuracy"] - result.keras["accuracy"]) <= 0.02
+
+
+def test_quantized_tensors_use_their_scale_and_zero_point():
+    """The exported int8 models happen to have input scale 1 (pixels 0-255): other scales, by hand."""
+    int8 = {"dtype": np.int8, "quantization": (2.0, -128)}
+    np.testing.assert_array_equal(runtimes._quantize(np.array([0.0, 10.0, 254.0, 600.0]), int8),
+                                  np.array([-128, -123, -1, 127], np.int8))
+    uint8 = {"dtype": np.uint8, "quantization": (0.5, 3)}
+    np.testing.assert_array_equal(runtimes._quantize(np.array([-5.0, 1.0, 200.0]), uint8),
+                                  np.array([0, 5, 255], np.uint8))
+    np.testing.assert_allclose(runtimes._dequantize(np.array([-128, 0, 127], np.int8), {**int8, "quantization": (
+        1 / 256, -128)}), [0.0, 0.5, 255 / 256])
+    # Float tensors pass through unchanged (TFLite gives them scale 0).
+    floats = {"dtype": np.float32, "quantization": (0.0, 0)}
+    np.testing.assert_array_equal(runtimes._quantize(np.array([0.5, 255.0]), floats), [0.5, 255.0])
+    np.testing.assert_array_equal(runtimes._dequantize(np.array([0.25], np.float32), floats), [0.25])
