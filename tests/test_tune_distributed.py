@@ -140,7 +140,7 @@ def test_a_silent_tuners_trial_goes_to_the_next_tuner_that_asks(oracle):
     oracle.end_trial(late)
     assert oracle.end_order.count(lost.trial_id) == 1
     run = oracle.runs[first.trial_id]
-    assert run["worker"] == "tuner0" and run["attempts"] == 1 and run["wall_seconds"] > 0
+    assert run["worker"] == "tuner0" and run["attempts"] == 1 and run["wall_seconds"] >= 0
     assert run["started_at"] <= run["finished_at"]
 
 
