@@ -150,12 +150,12 @@ def test_a_workers_log_can_be_read_while_it_runs(tmp_path):
 
 
 def test_stopping_workers_gives_them_a_grace_period_then_kills_them(tmp_path, monkeypatch):
-    """Worker 2 fails; worker 0 takes half a second to finish on SIGTERM (it is let finish), worker 1
+    """Worker 2 fails; worker 0 takes 0.3 s to finish on SIGTERM (it is let finish), worker 1
     ignores SIGTERM (it is killed)."""
-    monkeypatch.setattr(launch, "STOP_GRACE_SECONDS", 1.0)
+    monkeypatch.setattr(launch, "STOP_GRACE_SECONDS", 1.5)  # shorter than the default 2 s, far above 0.3 s
     ready = tmp_path / "ready"
     script = worker_script(
-        "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), sys.exit(0))) if i == 0 else "
+        "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.3), sys.exit(0))) if i == 0 else "
         "signal.signal(signal.SIGTERM, signal.SIG_IGN) if i == 1 else None; "
         f"Path({str(ready)!r} + str(i)).write_text(''); "
         f"[time.sleep(0.05) for _ in iter(lambda: all(Path({str(ready)!r} + str(k)).exists() for k in (0, 1)), True)];"
