@@ -47,6 +47,7 @@ def run_guarded(tmp_path, ci):
     return result.returncode, result.stdout
 
 
+@pytest.mark.slow  # time only: a pytest in a process of its own
 @pytest.mark.parametrize("ci", ["true"])
 def test_a_missing_dependency_fails_under_ci(tmp_path, ci):
     code, out = run_guarded(tmp_path, ci)
@@ -54,6 +55,7 @@ def test_a_missing_dependency_fails_under_ci(tmp_path, ci):
     assert "mnist_keras_no_such_module cannot be imported" in out and "mnist-keras-no-such-binary not found" in out
 
 
+@pytest.mark.slow  # time only: a pytest in a process of its own
 @pytest.mark.parametrize("ci", [None])
 def test_a_missing_dependency_skips_elsewhere(tmp_path, ci):
     code, out = run_guarded(tmp_path, ci)

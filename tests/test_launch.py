@@ -149,6 +149,7 @@ def test_a_workers_log_can_be_read_while_it_runs(tmp_path):
     assert results[0].ok
 
 
+@pytest.mark.slow  # time only (the grace period runs out): the mutation run (docs/testing.md) includes it
 def test_stopping_workers_gives_them_a_grace_period_then_kills_them(tmp_path, monkeypatch):
     """Worker 2 fails; worker 0 takes 0.3 s to finish on SIGTERM (it is let finish), worker 1
     ignores SIGTERM (it is killed)."""
@@ -184,6 +185,7 @@ def test_launcher_stops_the_others_and_names_the_failed_worker(tmp_path):
     assert result.tails[1] == ("dying",)
 
 
+@pytest.mark.slow  # time only (a launcher process and its workers)
 def test_sigterm_to_the_launcher_stops_every_worker():
     # No TensorFlow: the workers just sleep. The launcher exits 143 (128 + SIGTERM) with one line.
     script = ("import sys; from mnist_keras.training import launch; "
