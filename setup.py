@@ -20,10 +20,12 @@ EXTRAS = {
     "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.20"],
     # TensorBoard's Profile tab, for the traces train.py --profile-steps records.
     "profile": ["tensorboard-plugin-profile>=2.20"],
+    # Mutation testing by hand, never in CI (tests/mutate.sh, docs/testing.md); mutmut 3 works differently.
+    "mutation": ["mutmut>=2.5,<3", "whatthepatch>=1.0"],
 }
-# Everything but the GPU build: CI and the tests run on CPU.
-EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items() if name != "gpu"
-                                       for requirement in extra)})
+# Everything but the GPU build (CI and the tests run on CPU) and the mutation tool (run by hand).
+EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items()
+                                       if name not in ("gpu", "mutation") for requirement in extra)})
 
 # Everything else (name, version, dependencies, console scripts, licence) is in pyproject.toml.
 setup(extras_require=EXTRAS)

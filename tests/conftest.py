@@ -14,6 +14,7 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_keras.data import pipeline as data_lib  # noqa: E402
 from mnist_keras.training.strategy import configure_logical_cpus  # noqa: E402
+from tests.helpers import missing  # noqa: E402
 
 configure_logical_cpus(2)
 
@@ -23,10 +24,7 @@ def real_mnist_dir() -> Path:
     """The real MNIST folder from $MNIST_DATA_DIR. Missing: skip locally, fail under CI."""
     folder = os.environ.get(data_lib.DATA_DIR_ENV)
     if not folder or not Path(folder).is_dir():
-        message = f"real MNIST not found: set {data_lib.DATA_DIR_ENV} (e.g. ../shared/mnist)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"real MNIST not found: set {data_lib.DATA_DIR_ENV} (e.g. ../shared/mnist)")
     return Path(folder)
 
 

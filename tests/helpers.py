@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mnist_keras.config import TrainConfig
 from mnist_keras.data import pipeline as data_lib
@@ -28,6 +31,43 @@ TRAIN = str(REPO_ROOT / "scripts" / "train.py")
 TUNE = str(REPO_ROOT / "scripts" / "tune.py")
 # train.py with the test hooks the environment variables above switch on (tests/hooked/train.py).
 HOOKED_TRAIN = hooked_train.__file__
+
+
+# -- optional dependencies: skip locally, fail under CI ---------------------------------------------
+
+
+def under_ci() -> bool:
+    """True when the `CI` environment variable is set (to anything but empty, 0, false or no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(message: str):
+    """A test cannot run here: skip it locally, but fail it under CI, where everything is installed.
+
+    Every test that needs an optional module, a binary or real data goes through this (never a bare
+    `pytest.importorskip` or `shutil.which` skip), so a broken install cannot turn CI green by skipping.
+    """
+    if under_ci():
+        pytest.fail(f"{message} (under CI a missing dependency fails the test instead of skipping it)",
+                    pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def need_module(name: str, install: str = ""):
+    """`import name` for a test; missing: skip locally, fail under CI. `install` says how to get it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        missing(f"{name} cannot be imported ({error})" + (f": {install}" if install else ""))
+
+
+def need_binary(name: str, install: str = "") -> str:
+    """The path of executable `name` (a command on PATH, or an absolute path); missing: skip locally,
+    fail under CI."""
+    found = shutil.which(name)
+    if found is None:
+        missing(f"{name} not found" + (f": {install}" if install else ""))
+    return found
 
 
 # -- running commands ------------------------------------------------------------------------------

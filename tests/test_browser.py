@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from mnist_keras.config import ServeConfig
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -35,9 +35,7 @@ STEPS = 3  # pointer moves per drag: the page joins them with straight lines
 def require(condition: bool, message: str) -> None:
     """Missing browser tooling: skip locally, fail under CI (which installs it)."""
     if not condition:
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(message)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -5,6 +5,7 @@ often a TensorFlow import. Each script runs once in its own process (--help or -
 and the quiet start-up test (marked slow) needs a fresh process to see what TensorFlow prints as it starts.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -77,20 +78,77 @@ NOISE = ("I0000", "W0000", "E0000", "WARNING: All log messages", "INFO absl", "I
 
 
 @pytest.mark.slow  # a fresh process: only a new TensorFlow import prints start-up lines to hide
-def test_dry_run_from_the_command_line_is_quiet(tmp_path):
+@pytest.mark.parametrize("verbosity", [[], ["-v"]])
+def test_dry_run_from_the_command_line_is_quiet(tmp_path, verbosity):
     """TensorFlow's start-up lines hidden (whatever TF_CPP_MIN_LOG_LEVEL says), and in a pipe the
-    progress bar is one plain line per epoch."""
+    progress bar is one plain line per epoch. `-v` shows them (replayed after the import)."""
     make_folder(tmp_path / "data", train=80)
     result = run_script("scripts/train.py", "--arch", "mlp_small", "--dry-run", "--batch-size", "16",
-                        "--validation-size", "16", "--data-dir", str(tmp_path / "data"),
+                        "--validation-size", "16", "--data-dir", str(tmp_path / "data"), *verbosity,
                         cwd=tmp_path, env_extra={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert result.returncode == 0, result.stderr
+    if verbosity:
+        assert "WARNING: All log messages before absl::InitializeLog()" in result.stderr, result.stderr
+        return
     assert "test accuracy" in result.stdout
     assert not (tmp_path / "saved_models").exists()
     for line in (result.stdout + result.stderr).splitlines():
         assert not line.lstrip().startswith(NOISE) and " INFO absl" not in line and " INFO tensorflow" not in line, line
     assert "\x1b" not in result.stdout and "\r" not in result.stdout and "\b" not in result.stdout
     assert [line.split(" - ")[0] for line in result.stdout.splitlines() if " - loss:" in line] == ["2/2"]
+
+
+FAKE_START_UP_LINE = "I0000 00:00:1.0 1 port.cc:153] a start-up line written to descriptor 2"
+
+
+@pytest.fixture()
+def noisy_tensorflow_import(monkeypatch):
+    """`import keras` from console.import_tensorflow writes a line to file descriptor 2, as TensorFlow's
+    C++ start-up does (here TensorFlow is already imported, so the real import prints nothing)."""
+    import builtins
+
+    from mnist_keras import console
+
+    real_import = builtins.__import__
+    outcome = {"fail": False}
+
+    def noisy_import(name, globals=None, *args, **kwargs):
+        if name == "keras" and (globals or {}).get("__name__") == console.__name__:
+            os.write(2, (FAKE_START_UP_LINE + "\n").encode())
+            if outcome["fail"]:
+                raise ImportError("libtensorflow_framework.so.2: cannot open shared object file")
+        return real_import(name, globals, *args, **kwargs)
+
+    # configure() sets these for the process; put them back for the tests that follow.
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    monkeypatch.setattr(builtins, "__import__", noisy_import)
+    yield outcome
+    monkeypatch.undo()
+    console.configure("info")
+
+
+@pytest.mark.parametrize("flags, replayed", [([], False), (["-v"], True), (["--log-level", "debug"], True),
+                                             (["--log-level", "warning"], False)])
+def test_start_up_lines_are_replayed_at_the_debug_level_only(flags, replayed, noisy_tensorflow_import, capfd,
+                                                               monkeypatch):
+    from mnist_keras.training import train
+
+    monkeypatch.setattr(train, "run", lambda *args, **kwargs: (_ for _ in ()).throw(
+        config_lib.ConfigError("stop here")))
+    assert cli.train_main(["--dry-run", *flags]) == 2
+    err = capfd.readouterr().err
+    assert (FAKE_START_UP_LINE in err) == replayed, err
+    assert err.strip().splitlines()[-1].endswith("error: stop here"), err
+
+
+def test_start_up_lines_are_replayed_when_the_import_fails(noisy_tensorflow_import, capfd):
+    noisy_tensorflow_import["fail"] = True
+    assert cli.train_main(["--dry-run"]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[0] == FAKE_START_UP_LINE, err
+    assert len(err) == 2 and "error: unexpected ImportError: libtensorflow_framework" in err[1], err
+    os.unlink(err[1].split("traceback in ", 1)[1].split(";", 1)[0])
 
 
 # -- flags every command has -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import tensorflow as tf
 from mnist_keras.data import pipeline as data_lib
 from mnist_keras.data import sources
 from mnist_keras.data.pipeline import DataError
-from tests.helpers import idx_bytes, make_folder
+from tests.helpers import idx_bytes, make_folder, need_module
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -114,7 +114,7 @@ def test_keras_download_failure_says_how_to_fix(monkeypatch):
 
 
 def test_tfds_source_with_mock_data():
-    import tensorflow_datasets as tfds
+    tfds = need_module("tensorflow_datasets", "pip install -e \".[tfds]\"")
 
     with tfds.testing.mock_data(num_examples=40):
         data = data_lib.load_mnist("tfds", validation_size=8)
@@ -124,7 +124,7 @@ def test_tfds_source_with_mock_data():
 
 
 def test_tfds_missing_copy_is_one_line(tmp_path, monkeypatch):
-    import tensorflow_datasets as tfds
+    tfds = need_module("tensorflow_datasets", "pip install -e \".[tfds]\"")
 
     def missing(*args, **kwargs):
         raise tfds.core.registered.DatasetNotFoundError("mnist")  # what an offline, empty data_dir gives

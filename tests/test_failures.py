@@ -158,18 +158,21 @@ def test_serve_without_uvicorn(monkeypatch, capsys):
 
 def test_unexpected_error_exits_1_with_the_traceback_in_a_named_file(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
-        raise ZeroDivisionError("a bug deep inside")
+        # A message of several lines (as TensorFlow's are): the error line still takes its first only.
+        raise ZeroDivisionError("a bug deep inside\n  its second line\n\nand a third")
 
     monkeypatch.setattr(train, "run", broken)
     status = cli.train_main([*FAST, "--dry-run"])
-    line = assert_one_line(capsys, status, 1, "unexpected ZeroDivisionError: a bug deep inside", "--debug")
+    line = assert_one_line(capsys, status, 1, "unexpected ZeroDivisionError: a bug deep inside (", "--debug")
     log = line.split("traceback in ", 1)[1].split(";", 1)[0]
-    assert "Traceback" in open(log).read() and "broken" in open(log).read()
+    assert "Traceback" in open(log).read() and "broken" in open(log).read() and "and a third" in open(log).read()
     os.unlink(log)
 
     status = cli.train_main([*FAST, "--dry-run", "--debug"])
     err = capsys.readouterr().err
-    assert status == 1 and "Traceback" in err and err.strip().splitlines()[-1].endswith("a bug deep inside")
+    assert status == 1 and "Traceback" in err and "and a third" in err
+    assert err.strip().splitlines()[-1] == f"{cli.prog_name('train')}: error: unexpected ZeroDivisionError: " \
+        "a bug deep inside"
 
 
 def test_a_value_error_from_inside_a_library_is_not_a_usage_error(capsys, monkeypatch):

@@ -7,14 +7,13 @@ multi-worker run here is a subprocess (`train.py --workers 2`).
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from mnist_keras import cli
 from mnist_keras.cli.workers import _without_workers_flag
 from mnist_keras.storage import artifacts
-from mnist_keras.training import backup, launch
+from mnist_keras.training import backup
 from tests.helpers import (
     CRASH_AFTER_EPOCH_ENV,
     HOOKED_TRAIN,
@@ -25,47 +24,13 @@ from tests.helpers import (
     write_npz,
 )
 
-# -- the launcher on its own (no TensorFlow) ----------------------------------
-
-
-def test_tf_configs_name_every_worker_once():
-    ports = launch.free_loopback_ports(3)
-    assert len(set(ports)) == 3
-    configs = [json.loads(c) for c in launch.tf_configs(ports)]
-    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
-    assert all(c["cluster"]["worker"] == [f"localhost:{p}" for p in ports] for c in configs)
+# -- the command's side of the launcher (the launcher itself: tests/test_launch.py) ---------------
 
 
 def test_workers_flag_is_removed_from_the_workers_command():
     assert _without_workers_flag(["--arch", "cnn", "--workers", "2", "--epochs", "1"]) == \
         ["--arch", "cnn", "--epochs", "1"]
     assert _without_workers_flag(["--workers=3", "--seed", "2"]) == ["--seed", "2"]
-
-
-def test_launcher_shows_worker_0_and_logs_every_worker(tmp_path):
-    output = tmp_path / "console.txt"
-    script = "import json, os; print('task', json.loads(os.environ['TF_CONFIG'])['task']['index'])"
-    with open(output, "w") as handle:
-        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle, run_dir=tmp_path / "run")
-    assert result.ok and result.returncodes == (0, 0)
-    assert output.read_text().splitlines() == ["[worker 0] task 0"]
-    for index in (0, 1):
-        assert (tmp_path / "run" / artifacts.worker_log_file(index)).read_text() == f"task {index}\n"
-
-
-def test_launcher_stops_the_others_and_names_the_failed_worker(tmp_path):
-    # Worker 1 dies at once; worker 0 would sleep for a minute.
-    script = ("import json, os, sys, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
-              "sys.exit(3) if i == 1 else time.sleep(60)")
-    script = script.replace("sys.exit(3)", "print('dying') or sys.exit(3)")
-    started = time.monotonic()
-    with open(tmp_path / "log.txt", "w") as handle:
-        result = launch.launch_local([sys.executable, "-c", script], 2, output=handle, run_dir=tmp_path / "run")
-    assert time.monotonic() - started < 30
-    assert result.failed_worker == 1 and result.returncodes[1] == 3 and result.returncodes[0] != 0
-    assert result.describe_failure() == ("worker 1 failed (exit status 3); stopped the other workers; "
-                                         f"its log: {tmp_path / 'run' / artifacts.worker_log_file(1)}")
-    assert result.tails[1] == ("dying",)
 
 
 def test_workers_flag_refuses_an_explicit_single_process_strategy(capsys):

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from mnist_keras.cli import predict_main
 from mnist_keras.evaluation import predict
+from mnist_keras.export import runtimes
 
 
 def canvas(size=(120, 100), background=255, ink=0, box=(20, 30, 50, 90), mode="L"):
@@ -206,7 +207,13 @@ def test_cli_json_and_success_exit_0(image_folder, untrained_model_file, capsys)
     assert status == 0
     records = json.loads(out)
     assert [Path(r["path"]).name for r in records] == ["a_good.png", "c_good.bmp"]
-    assert all(0 <= r["digit"] <= 9 and 0 <= r["probability"] <= 1 and len(r["top"]) == 1 for r in records)
+    # What the model itself says of each preprocessed image (not merely a digit and a probability).
+    model = runtimes.load_model(untrained_model_file)
+    for record in records:
+        probabilities = model.predict(predict.preprocess_image(predict.load_image(record["path"]))[None])[0]
+        assert record["digit"] == int(probabilities.argmax()), record
+        assert record["probability"] == pytest.approx(float(probabilities.max()), abs=1e-6), record
+        assert record["top"] == [{"digit": record["digit"], "probability": record["probability"]}], record
 
 
 @pytest.mark.parametrize("argv, fragment", [

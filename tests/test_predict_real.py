@@ -18,6 +18,7 @@ from mnist_keras.cli import predict_main
 from mnist_keras.evaluation import evaluate, predict
 from mnist_keras.export import runtimes
 from mnist_keras.storage import artifacts
+from tests.helpers import need_module
 
 pytestmark = pytest.mark.slow
 SAMPLE_SIZE = 500
@@ -70,7 +71,7 @@ def uci_digit_accuracy(model_path) -> float:
     """Accuracy on digits written by people outside MNIST: scikit-learn's copy of the UCI optical
     digits (1,797 8x8 scans from 43 writers), each drawn as a black-on-white 64x64 picture and
     preprocessed by `predict.preprocess_image` as a user's file would be."""
-    datasets = pytest.importorskip("sklearn.datasets")
+    datasets = need_module("sklearn.datasets", "pip install -e \".[tune]\"")
     digits = datasets.load_digits()  # shipped with scikit-learn: no download
     pictures = [Image.fromarray(255 - (image * 255 / 16).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
                 for image in digits.images]

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mnist_keras.config import ConfigError
 from mnist_keras.storage import artifacts
 from mnist_keras.training import train
-from tests.helpers import tiny_config
+from tests.helpers import need_module, tiny_config
 
 # 512 synthetic training images, batch 32: 16 steps per epoch, 5 per call -> groups ending at 5, 10, 15, 16.
 STEPS_PER_EPOCH = 16
@@ -80,12 +80,7 @@ def test_profile_steps_write_a_trace_the_profile_plugin_finds(logged_run):
     traces = list(sessions[0].glob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000
     # And the plugin itself (the profile extra, in dev) lists the run and the tools it offers for it.
-    try:
-        from tensorboard_plugin_profile import profile_plugin
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("tensorboard-plugin-profile (the profile extra) is not installed")
+    profile_plugin = need_module("tensorboard_plugin_profile.profile_plugin", 'pip install -e ".[profile]"')
     context = types.SimpleNamespace(logdir=str(logged_run[0]), data_provider=None,
                                     flags=types.SimpleNamespace(master_tpu_unsecure_channel=""))
     plugin = profile_plugin.ProfilePlugin(context)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import keras
@@ -131,3 +132,31 @@ def test_label_smoothing_trains_but_reports_the_plain_loss(tiny_mnist):
     smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=0.3)(
         tf.one_hot(tiny_mnist.y_train, 10), model(tiny_mnist.x_train.astype("float32"))).numpy()
     assert smoothed > plain + 0.1  # so the check above would see smoothing leak into the report
+
+
+class NonChiefStrategy:
+    """The default strategy, seen as worker 1 of a two-worker cluster (a non-chief), for one process."""
+
+    def __init__(self):
+        self._strategy = tf.distribute.get_strategy()
+        self.cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"worker": ["localhost:1", "localhost:2"]}), task_type="worker", task_id=1)
+
+    def __getattr__(self, name):
+        return getattr(self._strategy, name)
+
+
+def test_only_the_chief_writes_the_run_files(tiny_mnist, tmp_path):
+    """A non-chief worker trains (and backs up into its own copy) but writes none of the run's files."""
+    from mnist_keras.training import backup, resources
+    from mnist_keras.training import strategy as strategy_lib
+
+    non_chief = NonChiefStrategy()
+    assert not strategy_lib.is_chief(non_chief) and strategy_lib.worker_index(non_chief) == 1
+    data = dataclasses.replace(tiny_mnist, x_train=tiny_mnist.x_train[:64], y_train=tiny_mnist.y_train[:64])
+    result = train.run(tiny_config(epochs=1), data=data, strategy=non_chief, output_dir=tmp_path / "run")
+    assert result.output_dir is None
+    written = sorted(str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*") if p.is_file())
+    # Its resource log only; its backup copy is deleted at the end.
+    assert written == [f"{artifacts.LOGS_DIR}/{resources.resources_file(1)}"], written
+    assert not (tmp_path / "run" / backup.BACKUP_DIR / backup.worker_copy_dir(1)).exists()
