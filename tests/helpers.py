@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from mnist_keras.config import TrainConfig
-from mnist_keras.data import pipeline as data_lib
 from mnist_keras.data import sources
 from tests.hooked import train as hooked_train
 from tests.hooked.train import (  # noqa: F401

@@ -53,6 +53,7 @@ def tiny_arch():
     archs.unregister(TINY.name)
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_a_fourth_architecture_trains_tunes_exports_and_evaluates(tiny_arch, tiny_mnist, tmp_path):
     strategy = tf.distribute.get_strategy()
     config = config_lib.train_config("tiny", verbose=0)

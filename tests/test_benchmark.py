@@ -14,7 +14,7 @@ from mnist_keras.config import BenchmarkConfig, ConfigError, TrainConfig
 from mnist_keras.data import pipeline as data_lib
 from mnist_keras.export import runtimes
 from mnist_keras.models import archs, builders
-from mnist_keras.storage import artifacts, folders
+from mnist_keras.storage import folders
 from mnist_keras.training import loop, train
 from tests.helpers import assert_one_line_error, run_main
 
@@ -167,6 +167,7 @@ def test_fast_recipe_reaches_99_percent(real_mnist):
     assert result.metrics["test_accuracy"] >= 0.99, result.metrics
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_mixed_precision_model_exports_float32_formats(tiny_mnist, tmp_path):
     with builders.dtype_policy("mixed_bfloat16"):
         mixed = builders.build_model("mlp_small")

@@ -163,6 +163,7 @@ def test_print_config_reads_back_unchanged(command, tmp_path, capsys):
     assert capsys.readouterr().out == printed
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_print_config_then_config_trains_the_same_run(tmp_path, capsys):
     """`train.py FLAGS --print-config > c.json; train.py --config c.json`: the same run, the same test accuracy."""
     import json

@@ -3,7 +3,6 @@ import pytest
 import tensorflow as tf
 
 from mnist_keras.data import pipeline as data_lib
-from mnist_keras.data import sources
 from mnist_keras.data.pipeline import DataError
 from tests.helpers import idx_bytes, make_folder, need_module
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
 from mnist_keras import cli

@@ -1,6 +1,5 @@
 """Evaluation outputs and the comparison of runs, on a tiny model trained on synthetic data (fast)."""
 
-import json
 from pathlib import Path
 
 import keras
@@ -73,6 +72,7 @@ def test_evaluate_writes_json_and_three_readable_plots(tiny_run, tiny_mnist, tmp
     assert not list(output.glob(".*")) and not list(output.parent.glob(".*"))  # no temporary files left behind
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_evaluate_refuses_to_overwrite(tiny_run, tiny_mnist, tmp_path):
     config = config_lib.EvaluateConfig(misclassified=2)  # few images: the plot is the slow part
     output = tmp_path / "evaluation"

@@ -133,6 +133,7 @@ def test_saved_model_reloads_with_tensorflow_alone(exported, tiny_mnist, keras_p
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), keras_probabilities, atol=1e-5)
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_existing_export_is_kept_then_replaced_with_overwrite(exported, tiny_model_path, tiny_mnist,
                                                                keras_probabilities):
     folder = exported.output_dir
@@ -164,6 +165,7 @@ def test_export_refuses_a_folder_that_is_not_an_export(tiny_model_path, tiny_mni
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_tflite_with_a_fixed_batch_is_fed_one_image_at_a_time(tmp_path, caplog):
     model = builders.build_model("cnn")
     # A batch of exactly 1 baked in, as some converters and model hubs ship them: the CNN's reshapes

@@ -12,7 +12,6 @@ rules are deleted however the test ends.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -101,11 +101,12 @@ def test_workers_get_their_own_environment_and_temporary_folder(tmp_path, caplog
                                      worker_envs=[{"INDEX": "0"}, {"INDEX": "1"}], names=["first", "second"])
     assert result.ok and result.names == ("first", "second") and result.log_files == (None, None)
     seen = [json.loads(tail[0]) for tail in result.tails]
-    folders = {Path(worker["TMPDIR"]).parent for worker in seen}
+    # <launcher's folder>/attempt-<restart>/worker-<index>: a restart never reuses a killed worker's files.
+    folders = {Path(worker["TMPDIR"]).parent.parent for worker in seen}
     for index, worker in enumerate(seen):
         assert worker == {"pid": worker["pid"], "TF_CONFIG": None, "TMPDIR": worker["TMPDIR"], "SHARED": "yes",
                           "INDEX": str(index), "PYTHONUNBUFFERED": "1"}
-        assert Path(worker["TMPDIR"]).name == f"worker-{index}"
+        assert Path(worker["TMPDIR"]).parts[-2:] == ("attempt-0", f"worker-{index}")
         # Its last line had no newline: kept as it was.
         assert result.tails[index][1] == "True", "a worker shares the launcher's session"
     folder, = folders

@@ -164,6 +164,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_no_temporary_files(tmp_path, tiny_
     assert all((run_dir / artifacts.worker_log_file(index)).is_file() for index in (0, 1))
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_watchdog_fires_once_without_ticks_and_never_with_them():
     import threading
 

@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from mnist_keras import config as config_lib
-from mnist_keras.data import pipeline as data_lib
 from mnist_keras.models import archs
 
 pytestmark = pytest.mark.slow

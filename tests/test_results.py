@@ -44,6 +44,7 @@ def test_results_command_writes_the_table_and_json(tmp_path, capsys):
     assert results_main([*argv, "--overwrite", "--seeds", "3", "--arch", "mlp_small", "--recipes", "default"]) == 0
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_each_row_trains_as_train_py_would(tiny_mnist):
     config = ResultsConfig(arch=("mlp_small",), recipes=("default",), seeds="4", smoke=True)
     (row,) = results.run(config, data=tiny_mnist)["rows"]

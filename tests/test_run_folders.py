@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import tensorflow as tf
 
 from mnist_keras import cli
 from mnist_keras.config import EvaluateConfig, TrainConfig
@@ -80,6 +79,7 @@ def test_overwrite_keeps_the_users_own_files(tiny_mnist, tmp_path):
     assert not (folder / artifacts.EXPORT_DIR).exists()
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_files_follow_the_umask(tiny_mnist, tmp_path):
     previous = os.umask(0o022)
     try:

@@ -480,7 +480,7 @@ def test_slow_clients_are_closed_by_the_deadlines(server, url):
     slow_headers = socket.create_connection(("127.0.0.1", port))
     slow_headers.sendall(b"GET / HTTP/1.1\r\n")
     slow_body = socket.create_connection(("127.0.0.1", port))
-    slow_body.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n\r\nxx".encode())
+    slow_body.sendall("POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n\r\nxx".encode())
     not_reading = socket.create_connection(("127.0.0.1", port))
     not_reading.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # 4,000 requests sent at once, no answer read: the server's output backs up and its writes stall.

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import tensorflow as tf
 
 from mnist_keras.training import strategy as strategy_lib
 

@@ -1,7 +1,6 @@
 """TensorBoard logs as Keras writes them, read back with TensorBoard's own reader: train and validation runs,
 loss, accuracy and learning rate per epoch, train scalars per group of steps, the graph, and a profile."""
 
-import os
 import types
 
 import pytest
@@ -80,7 +79,8 @@ def test_profile_steps_write_a_trace_the_profile_plugin_finds(logged_run):
     traces = list(sessions[0].glob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000
     # And the plugin itself (the profile extra, in dev) lists the run and the tools it offers for it.
-    profile_plugin = need_module("tensorboard_plugin_profile.profile_plugin", 'pip install -e ".[profile]"')
+    # The package re-exports xprof's modules as attributes (not submodules): import it, then take the attribute.
+    profile_plugin = need_module("tensorboard_plugin_profile", 'pip install -e ".[profile]"').profile_plugin
     context = types.SimpleNamespace(logdir=str(logged_run[0]), data_provider=None,
                                     flags=types.SimpleNamespace(master_tpu_unsecure_channel=""))
     plugin = profile_plugin.ProfilePlugin(context)

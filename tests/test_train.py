@@ -59,6 +59,7 @@ def test_dry_run_writes_nothing(tiny_mnist, tmp_path, arch):
     assert result.metrics["epochs"] == 1 and result.metrics["train_examples"] == 64
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_same_seed_same_result(tiny_mnist):
     first = train.run(tiny_config(arch="cnn", learning_rate=1e-3), data=tiny_mnist)
     second = train.run(tiny_config(arch="cnn", learning_rate=1e-3), data=tiny_mnist)
@@ -84,6 +85,7 @@ def loss_after_one_step(strategy, images, labels):
     return training.evaluate(images, labels)["loss"]
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_default_and_mirrored_agree_after_one_step(tiny_mnist, mirrored_strategy):
     images, labels = tiny_mnist.x_train[:16], tiny_mnist.y_train[:16]
     default_loss = loss_after_one_step(tf.distribute.get_strategy(), images, labels)

@@ -271,6 +271,7 @@ def test_killed_search_resumes_from_the_command_line(tmp_path):
     assert (out / "best.json").exists() and (out / "best/metrics.json").exists()
 
 
+@pytest.mark.slow  # time only: the fast tier's minute (CI runs every tier)
 def test_trials_and_the_winner_train_with_the_presets_recipe(small_data, tmp_path, monkeypatch):
     # A search must rank hyperparameters under the conditions the user trains with: the CNN preset's
     # augmentation, label smoothing and warmup, with only the searched values changed.

@@ -19,7 +19,7 @@ import pytest
 
 from mnist_keras.config import ConfigError, TuneConfig
 from mnist_keras.training import launch
-from mnist_keras.tuning import distributed, hypermodel, search
+from mnist_keras.tuning import distributed, hypermodel
 from mnist_keras.tuning import space as space_lib
 from tests.helpers import TUNE, env_with, write_npz
 

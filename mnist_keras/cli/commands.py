@@ -35,7 +35,6 @@ from mnist_keras.cli import jobs
 from mnist_keras.errors import (  # noqa: E402
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
-    EXIT_TERMINATED,
     EXIT_USAGE,
 )
 from mnist_keras.models import archs

@@ -97,8 +97,6 @@ class ResultsConfig:
         return parse_seeds(self.seeds)
 
 
-MODELS_ROOT = "saved_models"
-
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:

@@ -283,8 +283,8 @@ def building(target: os.PathLike | str, marker: Optional[str] = None, finished: 
             publish_folder(staging, target)
         else:
             entries = sorted(path.name for path in staging.iterdir())
-            (staging / marker).write_text(marker_text(f"Written by mnist_keras; --overwrite replaces only "
-                                                      f"the entries below.", entries))
+            (staging / marker).write_text(marker_text("Written by mnist_keras; --overwrite replaces only "
+                                                      "the entries below.", entries))
             apply_umask(staging / marker)
             publish_entries(staging, target, marker, finished)
     finally:

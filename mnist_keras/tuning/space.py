@@ -7,10 +7,13 @@ space, and every function reads it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnist_keras.config import ConfigError, TuneConfig, flag_name
 from mnist_keras.models import archs
+
+if TYPE_CHECKING:  # keras-tuner (the tune extra) is imported where a search runs, not here
+    import keras_tuner
 
 
 def seed_hyperparameters(arch: str) -> dict[str, Any]:
