@@ -66,3 +66,16 @@ def trained_run_dirs(real_mnist, tmp_path_factory) -> dict:
             return folder
 
     return Runs()
+
+
+@pytest.fixture(scope="module")
+def app_url(trained_run_dirs):
+    """The app serving the session's trained CNN, on a free loopback port."""
+    from mnist_keras.export import runtimes
+    from mnist_keras.config import ServeConfig
+    from mnist_keras.serving import app
+
+    model = runtimes.load_model(trained_run_dirs["cnn"])
+    server = app.start_server(app.build_app(model, ServeConfig(port=0, max_upload_bytes=200_000)), port=0)
+    yield server.url
+    server.stop()

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_keras.config import ServeConfig
 from tests.helpers import REPO_ROOT, missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -57,16 +56,6 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def app_url(trained_run_dirs):
-    """The app serving the session's trained CNN, on a free loopback port."""
-    from mnist_keras.export import runtimes
-    from mnist_keras.serving import app
-
-    model = runtimes.load_model(trained_run_dirs["cnn"])
-    server = app.start_server(app.build_app(model, ServeConfig(port=0, max_upload_bytes=200_000)), port=0)
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")

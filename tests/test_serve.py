@@ -151,16 +151,6 @@ def tiny_model(tmp_path_factory):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def app_url(trained_run_dirs):
-    """The app serving the session's trained CNN, on a free loopback port."""
-    from mnist_keras.export import runtimes
-    from mnist_keras.serving import app
-
-    model = runtimes.load_model(trained_run_dirs["cnn"])
-    server = app.start_server(app.build_app(model, ServeConfig(port=0, max_upload_bytes=200_000)), port=0)
-    yield server.url
-    server.stop()
 
 
 def post(url: str, body: bytes, content_type: str = "application/octet-stream") -> tuple[int, dict]:

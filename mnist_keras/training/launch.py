@@ -36,7 +36,7 @@ from typing import Mapping, Optional, Sequence, TextIO
 
 from mnist_keras import errors
 from mnist_keras.storage import artifacts
-from mnist_keras.training import devices
+from mnist_keras.training import devices, preemption
 
 logger = logging.getLogger(__name__)
 
@@ -185,14 +185,11 @@ class _StopSignals:
         self.received = self.received or signum
 
     def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous = preemption.install_handler(self.SIGNALS, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        preemption.restore_handlers(self._previous)
 
 
 def _first_failure(processes: Sequence[subprocess.Popen], preempted_fails: bool = False) -> Optional[int]:

@@ -77,6 +77,20 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def install_handler(signals, handler) -> dict:
+    """`handler` for each of `signals`; returns the handlers it replaced. Only the main thread may install
+    one (Python's rule), so elsewhere it installs nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in signals}
+
+
+def restore_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        # None: a handler installed outside Python (TensorFlow's); the default ends the process.
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 class StopRequest:
     """While active (a context manager), the stop signals set `requested` instead of ending the process.
 
@@ -104,15 +118,11 @@ class StopRequest:
         self.request(signum)
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous = install_handler(self.signals, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for signum, previous in self._previous.items():
-            # None: a handler installed outside Python (TensorFlow's); the default ends the process.
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        restore_handlers(self._previous)
         self._previous.clear()
 
 
