@@ -3,7 +3,9 @@
 host's address).
 
 - they train to the same metrics as two workers on loopback (`--workers 2`);
-- a partition mid-run (iptables DROP both ways) ends both within 30 s, each with one error line.
+- a partition mid-run (iptables DROP both ways) ends both within 30 s, each with one error line;
+- a 5-second blip is ridden out; a 20-second one ends the run, and starting both again (a scheduler's
+  restart) resumes it: either way the run ends as an uninterrupted one.
 
 Slow tier; needs root, `ip` and `iptables` (under CI, missing ones fail). Namespaces and their iptables
 rules are deleted however the test ends.
@@ -88,3 +90,48 @@ def test_a_partition_mid_run_ends_both_workers_within_30_s_with_one_line_each(ho
         errors = [line for line in text.splitlines() if "error:" in line]
         assert status != 0 and len(errors) == 1, text[-3000:]
         assert f"worker {index}:" in errors[0] and "stopped answering" in errors[0], errors[0]
+
+
+# 5 s: TensorFlow's own retries ride it out (measured: the first start finishes). 20 s: longer than the
+# coordination service's ~10 s, so the run ends and the restart must resume it exactly.
+@pytest.mark.parametrize("blip_seconds, ends_the_run", [(5, False), (20, True)])
+def test_a_blip_is_survived_by_starting_both_workers_again(hosts, data_dir, tmp_path, blip_seconds, ends_the_run):
+    """What a scheduler's restart (the sbatch script's requeue, `--max-restarts` on one machine) does after a
+    blip: the same command again on both hosts resumes from the backup, and the run ends as an uninterrupted
+    one (two workers on loopback, same seed)."""
+    args = [*TRAIN_ARGS, "--epochs", "40", "--data-dir", str(data_dir), "--verbose", "1"]
+    run = ["--output-dir", str(tmp_path / "hosts")]
+    attempts = []
+    for attempt in range(3):  # the first start and at most two restarts, as --max-restarts 2 would allow
+        logs = [tmp_path / f"attempt-{attempt}-worker-{index}.log" for index in (0, 1)]
+        workers = nethosts.start_workers(hosts, [*args, *run], logs, env=env_with())
+        try:
+            if attempt == 0:
+                _wait_for_epoch(workers, logs, 3)
+                hosts.partition()
+                time.sleep(blip_seconds)
+                hosts.heal()
+            attempts.append(_wait(workers, 300))
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+        if attempts[-1] == [0, 0]:
+            break
+    assert attempts[-1] == [0, 0], (attempts, logs[0].read_text()[-2000:])
+    assert (len(attempts) > 1) == ends_the_run, attempts
+    loopback = subprocess.run([sys.executable, TRAIN, *args, "--output-dir", str(tmp_path / "loopback"),
+                               "--workers", "2", "--verbose", "0"], env=env_with(), capture_output=True, text=True,
+                              timeout=600)
+    assert loopback.returncode == 0, loopback.stderr[-2000:]
+    across, local = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("hosts", "loopback"))
+    history, expected = (json.loads((tmp_path / name / "history.json").read_text()) for name in ("hosts", "loopback"))
+    assert across["test_loss"] == local["test_loss"] and across["test_accuracy"] == local["test_accuracy"]
+    assert history == expected
+
+
+def _wait_for_epoch(workers, logs, epoch: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(log.exists() and f"Epoch {epoch}/" in log.read_text() for log in logs):
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), logs[0].read_text()[-2000:]
+        time.sleep(0.2)
