@@ -19,8 +19,10 @@ from tests.helpers import HANG_AFTER_EPOCH_ENV, HOOKED_TRAIN, TRAIN, env_with, w
 
 # The bound the stuck-peer tests give the watchdog (the default is 300 s).
 TEST_STALL_TIMEOUT = 20
-# TensorFlow's own C++ log lines (and their continuations) are not ours to count.
-TF_LOG_LINE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl)")
+# What this package writes to stderr: the command's own lines, its log records, and a traceback if one
+# escaped. TensorFlow's C++ log records are not ours to count, and under load they span several lines
+# (the coordination service's "The tasks have crashed ..." with the task names and gRPC details).
+OUR_LINE = re.compile(r"^(train\.py: |Traceback |\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) mnist_keras)")
 
 
 def train_command(data_dir, run_dir, *extra, script=TRAIN):
@@ -30,7 +32,7 @@ def train_command(data_dir, run_dir, *extra, script=TRAIN):
 
 
 def our_lines(text):
-    return [line for line in text.splitlines() if line.strip() and not TF_LOG_LINE.match(line)]
+    return [line for line in text.splitlines() if OUR_LINE.match(line)]
 
 
 def wait_for_epochs(run_dir, worker, epochs, processes, timeout=300):

@@ -47,7 +47,8 @@ def slurm_env(real_mnist_dir):
     if started.returncode != 0:
         pytest.fail(f".ci/slurm-up failed: {started.stderr[-2000:]}")
     conf = started.stdout.strip().splitlines()[-1].partition("=")[2]
-    return env_with(SLURM_CONF=conf, MNIST_DATA_DIR=str(real_mnist_dir), PYTHONUNBUFFERED="1")
+    # Absolute: a batch job runs in its own folder, where a relative data folder means nothing.
+    return env_with(SLURM_CONF=conf, MNIST_DATA_DIR=str(real_mnist_dir.resolve()), PYTHONUNBUFFERED="1")
 
 
 def _srun_train(env, out, cluster, output_dir):
