@@ -50,6 +50,7 @@ def tiny_run(tiny_mnist, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_evaluate_writes_json_and_three_readable_plots(tiny_run, tiny_mnist, tmp_path):
     output = tmp_path / "out"
     config = config_lib.EvaluateConfig(misclassified=8)
@@ -84,6 +85,7 @@ def test_evaluate_refuses_to_overwrite(tiny_run, tiny_mnist, tmp_path):
     evaluate.run(config_lib.EvaluateConfig(misclassified=2, overwrite=True), tiny_run, output, data=tiny_mnist)
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_evaluate_refuses_a_folder_that_is_not_an_evaluation(tiny_run, tiny_mnist, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(artifacts.OutputExistsError, match="not an evaluation folder"):
@@ -91,6 +93,7 @@ def test_evaluate_refuses_a_folder_that_is_not_an_evaluation(tiny_run, tiny_mnis
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_evaluate_saved_model_matches_keras_and_goes_beside_it(tiny_run, tiny_mnist, tmp_path):
     model = keras.saving.load_model(tiny_run / artifacts.MODEL_FILE)
     export_dir = tiny_run / "export_test" / "saved_model"
@@ -104,6 +107,7 @@ def test_evaluate_saved_model_matches_keras_and_goes_beside_it(tiny_run, tiny_mn
     assert (output / evaluate.CURVES_PNG).is_file()  # history found in the run folder two levels up
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_default_output_dir(tiny_run, tmp_path):
     assert evaluate.default_output_dir(tiny_run) == tiny_run / artifacts.EVALUATION_DIR
     assert evaluate.default_output_dir(tiny_run / artifacts.MODEL_FILE) == tiny_run / artifacts.EVALUATION_DIR
@@ -114,6 +118,7 @@ def test_default_output_dir(tiny_run, tmp_path):
         evaluate.default_output_dir(tmp_path / "nope.keras")
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_cli_evaluate_prints_table_and_bad_input_exits_2(tiny_run, tiny_mnist, tmp_path, capsys):
     data_file = tmp_path / "mnist.npz"
     np.savez(data_file, x_train=tiny_mnist.x_train, y_train=tiny_mnist.y_train,

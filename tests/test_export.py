@@ -66,6 +66,7 @@ def keras_probabilities(tiny_model_path, tiny_mnist):
     return runtimes.load_model(tiny_model_path).predict(tiny_mnist.x_test)
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_export_writes_and_scores_every_artifact(exported, tiny_mnist, keras_probabilities):
     folder = exported.output_dir
     report = json.loads((folder / exporter.EXPORT_FILE).read_text())
@@ -213,6 +214,7 @@ def test_unknown_tflite_variant_is_a_config_error():
         config_lib.ExportConfig(tflite=("fp32", "int4"))
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 @pytest.mark.parametrize("case", ["missing", "not_keras", "corrupt_keras", "tflite_as_model", "variant"])
 def test_bad_export_input_is_one_line_and_writes_nothing(case, tmp_path, exported, monkeypatch, capsys):
     """Through the CLI's entry point in-process (the wrapper that scripts/export.py runs); the
@@ -287,6 +289,7 @@ def test_a_mixed_precision_model_exports_in_float32(tiny_mnist, tmp_path):
     assert abs(result.artifacts["tflite_fp32"]["accuracy"] - result.keras["accuracy"]) <= 0.02
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_every_loader_finds_the_versioned_saved_model(exported, tmp_path):
     """TF Serving's layout, saved_model/<version>/: the base folder loads its highest version, and evaluating it
     writes beside the base folder, not inside it (where TF Serving would look for versions)."""

@@ -51,6 +51,7 @@ def finished_search(small_data, tmp_path_factory):
     return search.run(tiny_tune_config(), output_dir=folder, data=small_data, strategy=tf.distribute.get_strategy())
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_search_writes_trials_best_and_a_run_folder(finished_search, small_data):
     folder = finished_search.output_dir
     for name in ("config.json", "trials.json", "best.json", "tuner/oracle.json", "best/model.keras",
@@ -99,6 +100,7 @@ def test_poisoned_test_labels_give_the_same_trials(finished_search, small_data, 
     assert clean > 0.5 and dirty < 0.2
 
 
+@pytest.mark.slow  # time only: its module fixture trains and exports (CI runs every tier)
 def test_finished_search_is_not_replaced_without_overwrite(finished_search, small_data):
     before = (finished_search.output_dir / "best.json").read_bytes()
     with pytest.raises(artifacts.OutputExistsError, match="finished search; pass --overwrite"):
