@@ -24,7 +24,8 @@ EXTRAS = {
     "mutation": ["mutmut>=2.5,<3", "whatthepatch>=1.0"],
 }
 # Everything but the GPU build (CI and the tests run on CPU) and the mutation tool (run by hand).
-EXTRAS["dev"] = sorted({"pytest>=8", *(requirement for name, extra in EXTRAS.items()
+# pytest-xdist: the suite runs on every core (tests/conftest.py keeps each test module on one worker).
+EXTRAS["dev"] = sorted({"pytest>=8", "pytest-xdist>=3.5", *(requirement for name, extra in EXTRAS.items()
                                        if name not in ("gpu", "mutation") for requirement in extra)})
 
 # Everything else (name, version, dependencies, console scripts, licence) is in pyproject.toml.

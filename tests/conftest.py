@@ -1,8 +1,14 @@
 """Shared fixtures. Two logical CPU devices are configured before TensorFlow starts,
-so MirroredStrategy can be tested on a machine without GPUs."""
+so MirroredStrategy can be tested on a machine without GPUs.
+
+The suite runs on pytest-xdist workers (pytest.ini: `-n auto --dist loadgroup`): each test module is
+a group of its own, so a module's tests and its fixtures stay in one worker; the real-MNIST runs that
+several modules share are trained once per session, by whichever worker asks first.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -17,6 +23,24 @@ from mnist_keras.training.strategy import configure_logical_cpus  # noqa: E402
 from tests.helpers import missing  # noqa: E402
 
 configure_logical_cpus(2)
+
+# Workers beyond this many only add TensorFlow imports and memory: most slow tests use two processes.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per usable core, at most MAX_WORKERS (PYTEST_XDIST_AUTO_NUM_WORKERS wins)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Each module is an xdist group (unless a test names one): its module fixtures run once."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")
@@ -52,16 +76,24 @@ def trained_run_dirs(real_mnist, tmp_path_factory) -> dict:
     """Lazily train the default preset of an architecture on real MNIST, once per test session.
 
     `trained_run_dirs["cnn"]` is the run folder of a default `train.py --arch cnn`; slow tests of
-    export, evaluation and prediction share it instead of training again.
+    export, evaluation and prediction share it instead of training again. Under xdist the folder is
+    shared by the session's workers: the first to ask trains, holding a lock the others wait on.
     """
     from mnist_keras import config as config_lib
+    from mnist_keras.storage import artifacts
     from mnist_keras.training import train
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    shared = (tmp_path_factory.getbasetemp().parent / f"runs-{run_id}") if run_id else tmp_path_factory.mktemp("runs")
 
     class Runs(dict):
         def __missing__(self, arch):
-            folder = tmp_path_factory.mktemp("runs") / arch
-            config = config_lib.train_config(arch, verbose=0)
-            train.run(config, data=real_mnist, output_dir=folder)
+            folder = shared / arch
+            shared.mkdir(exist_ok=True)
+            with open(shared / f"{arch}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not artifacts.is_finished_run(folder):
+                    train.run(config_lib.train_config(arch, verbose=0), data=real_mnist, output_dir=folder)
             self[arch] = folder
             return folder
 

@@ -12,10 +12,10 @@ set -euo pipefail
 target=${1:-list}
 shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
-# Fast tests only, stopping at the first failure; no cache (every mutant starts clean). mutmut 2 counts
+# Fast tests only, in one process (-n 0), stopping at the first failure; no cache (every mutant starts clean). mutmut 2 counts
 # only exit status 1 as "killed", so any failure (a mutant that breaks the import makes pytest exit 2)
 # is mapped to 1; pytest runs in that one process, so mutmut's timeout kill ends it (not a wrapper).
-pytest="python -c 'import sys, pytest; sys.exit(1 if pytest.main(sys.argv[1:]) else 0)' -x -q -p no:cacheprovider"
+pytest="python -c 'import sys, pytest; sys.exit(1 if pytest.main(sys.argv[1:]) else 0)' -x -q -p no:cacheprovider -n 0"
 only=""  # functions to mutate (all of the module when empty), to keep a slow target's run bounded
 
 case "$target" in

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN_ARGS = ["--arch", "mlp_small", "--batch-size", "32", "--learning-rate", "0.01", "--seed", "3",
               "--steps-per-execution", "4", "--data-source", "local", "--validation-size", "64"]
+BLIP_EPOCHS = "40"
 
 
 @pytest.fixture
@@ -38,9 +39,20 @@ def hosts():
         yield made
 
 
-@pytest.fixture
-def data_dir(tiny_mnist, tmp_path):
-    return write_npz(tmp_path / "data", tiny_mnist)
+@pytest.fixture(scope="module")
+def data_dir(tiny_mnist, tmp_path_factory):
+    return write_npz(tmp_path_factory.mktemp("data"), tiny_mnist)
+
+
+@pytest.fixture(scope="module")
+def loopback_run(data_dir, tmp_path_factory):
+    """The run folder of the blip tests' run uninterrupted: two workers on loopback, same seed."""
+    folder = tmp_path_factory.mktemp("loopback") / "run"
+    loopback = subprocess.run([sys.executable, TRAIN, *TRAIN_ARGS, "--epochs", BLIP_EPOCHS, "--data-dir",
+                               str(data_dir), "--output-dir", str(folder), "--workers", "2", "--verbose", "0"],
+                              env=env_with(), capture_output=True, text=True, timeout=600)
+    assert loopback.returncode == 0, loopback.stderr[-2000:]
+    return folder
 
 
 def _wait(processes, timeout):
@@ -95,11 +107,12 @@ def test_a_partition_mid_run_ends_both_workers_within_30_s_with_one_line_each(ho
 # 5 s: TensorFlow's own retries ride it out (measured: the first start finishes). 20 s: longer than the
 # coordination service's ~10 s, so the run ends and the restart must resume it exactly.
 @pytest.mark.parametrize("blip_seconds, ends_the_run", [(5, False), (20, True)])
-def test_a_blip_is_survived_by_starting_both_workers_again(hosts, data_dir, tmp_path, blip_seconds, ends_the_run):
+def test_a_blip_is_survived_by_starting_both_workers_again(hosts, data_dir, loopback_run, tmp_path, blip_seconds,
+                                                           ends_the_run):
     """What a scheduler's restart (the sbatch script's requeue, `--max-restarts` on one machine) does after a
     blip: the same command again on both hosts resumes from the backup, and the run ends as an uninterrupted
     one (two workers on loopback, same seed)."""
-    args = [*TRAIN_ARGS, "--epochs", "40", "--data-dir", str(data_dir), "--verbose", "1"]
+    args = [*TRAIN_ARGS, "--epochs", BLIP_EPOCHS, "--data-dir", str(data_dir), "--verbose", "1"]
     run = ["--output-dir", str(tmp_path / "hosts")]
     attempts = []
     for attempt in range(3):  # the first start and at most two restarts, as --max-restarts 2 would allow
@@ -120,12 +133,8 @@ def test_a_blip_is_survived_by_starting_both_workers_again(hosts, data_dir, tmp_
             break
     assert attempts[-1] == [0, 0], (attempts, logs[0].read_text()[-2000:])
     assert (len(attempts) > 1) == ends_the_run, attempts
-    loopback = subprocess.run([sys.executable, TRAIN, *args, "--output-dir", str(tmp_path / "loopback"),
-                               "--workers", "2", "--verbose", "0"], env=env_with(), capture_output=True, text=True,
-                              timeout=600)
-    assert loopback.returncode == 0, loopback.stderr[-2000:]
-    across, local = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("hosts", "loopback"))
-    history, expected = (json.loads((tmp_path / name / "history.json").read_text()) for name in ("hosts", "loopback"))
+    across, local = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path / "hosts", loopback_run))
+    history, expected = (json.loads((folder / "history.json").read_text()) for folder in (tmp_path / "hosts", loopback_run))
     assert across["test_loss"] == local["test_loss"] and across["test_accuracy"] == local["test_accuracy"]
     assert history == expected
 
