@@ -1,9 +1,9 @@
 """Shared fixtures. Two logical CPU devices are configured before TensorFlow starts,
 so MirroredStrategy can be tested on a machine without GPUs.
 
-The suite runs on pytest-xdist workers (pytest.ini: `-n auto --dist loadgroup`): each test module is
-a group of its own, so a module's tests and its fixtures stay in one worker; the real-MNIST runs that
-several modules share are trained once per session, by whichever worker asks first.
+The suite runs on pytest-xdist workers (pytest.ini: `-n auto --dist loadscope`): a module's tests and
+its fixtures stay in one worker; the real-MNIST runs that several modules share are trained once per
+session, by whichever worker asks first.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Each module is an xdist group (unless a test names one): its module fixtures run once."""
+    """Modules whose tests are all slow first (they start processes or train on the real MNIST), so the
+    workers do not end with one of them while the others have nothing left (--no-loadscope-reorder)."""
+    modules = {}
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        modules.setdefault(item.module.__name__, []).append(item.get_closest_marker("slow") is not None)
+    share = {name: sum(slow) / len(slow) for name, slow in modules.items()}
+    items.sort(key=lambda item: -share[item.module.__name__])
 
 
 @pytest.fixture(scope="session")
