@@ -1,5 +1,9 @@
 """Scaling out on the real MNIST (marker `slow`): multi-worker and mirrored runs match a
-single-process run, and runs killed with SIGKILL resume at their first unfinished epoch.
+single-process run, and a run killed with SIGKILL resumes at its first unfinished epoch.
+
+A killed worker of a `--workers 2` run is tested on synthetic data: tests/test_multi_worker.py (a
+crash, then the same command again), tests/test_restarts.py (SIGKILL and `--max-restarts`: the
+weights of an uninterrupted run), tests/test_launch.py (the launcher names it, the others stop).
 
 Every run trains the default CNN recipe (random shifts, rotations and scaling included) for
 EPOCHS epochs (fewer than the preset's, to keep CI short) with the same seed and global batch
@@ -13,7 +17,6 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 import tensorflow as tf
 
@@ -30,7 +33,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 3
+EPOCHS = 2
 
 
 def cnn_config(**overrides):
@@ -113,44 +116,22 @@ def test_mirrored_over_two_cpus_matches_default(real_mnist, single_process_accur
     assert abs(metrics["test_accuracy"] - single_process_accuracy) <= 0.003, (metrics, single_process_accuracy)
 
 
-def test_kill_during_epoch_3_then_resume(real_mnist_dir, single_process_accuracy, tmp_path):
+def test_kill_during_the_last_epoch_then_resume(real_mnist_dir, single_process_accuracy, tmp_path):
     run_dir = tmp_path / "run"
     command = cli_command(real_mnist_dir, run_dir)
     first = Watched(command, env_with())
+    epoch_1 = first.wait_for(f"Epoch 1/{EPOCHS}")
     epoch_2 = first.wait_for(f"Epoch 2/{EPOCHS}")
-    epoch_3 = first.wait_for(f"Epoch 3/{EPOCHS}")
-    time.sleep((epoch_3 - epoch_2) / 3)  # a third of the way into epoch 3
+    time.sleep((epoch_2 - epoch_1) / 3)  # a third of the way into epoch 2
     first.process.send_signal(signal.SIGKILL)
     code, output = first.finish()
     assert code == -signal.SIGKILL and not artifacts.is_finished_run(run_dir), output
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env_with())
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "Resuming at epoch 3" in second.stderr
-    assert "Epoch 1/" not in second.stdout and f"Epoch 3/{EPOCHS}" in second.stdout
+    assert "Resuming at epoch 2" in second.stderr
+    assert "Epoch 1/" not in second.stdout and f"Epoch 2/{EPOCHS}" in second.stdout
     assert len(json.loads((run_dir / artifacts.HISTORY_FILE).read_text())["loss"]) == EPOCHS
     # The same run: every epoch's batches and augmentation draws depend only on (seed, epoch, step).
     assert accuracy(run_dir) == pytest.approx(single_process_accuracy, abs=1e-4), \
         (accuracy(run_dir), single_process_accuracy)
-
-
-def test_killed_worker_fails_the_launcher_then_the_cluster_resumes(real_mnist_dir, two_worker_run, tmp_path):
-    run_dir = tmp_path / "run"
-    command = cli_command(real_mnist_dir, run_dir, "--workers", "2")
-    launcher = Watched(command, env_with())
-    # Only worker 0 is on the console; the workers train in lockstep, so worker 1 is in epoch 2 too.
-    launcher.wait_for(f"[worker 0] Epoch 2/{EPOCHS}")
-    workers = psutil.Process(launcher.process.pid).children()
-    worker_1 = next(p for p in workers if '"index": 1' in p.environ().get("TF_CONFIG", ""))
-    worker_1.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    code, output = launcher.finish(timeout=180)
-    assert time.monotonic() - killed_at < 120
-    assert code != 0 and "error: worker 1 failed (killed by SIGKILL)" in output, output
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
-
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env_with())
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "[worker 0]" in resumed.stdout and "Resuming at epoch 2" in resumed.stdout
-    uninterrupted = accuracy(two_worker_run[0])
-    assert abs(accuracy(run_dir) - uninterrupted) <= 0.002, (accuracy(run_dir), uninterrupted)
