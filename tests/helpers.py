@@ -89,7 +89,7 @@ def run_main(main, *args, capsys) -> subprocess.CompletedProcess:
 
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
