@@ -25,6 +25,7 @@ from mnist_keras.storage import artifacts
 from mnist_keras.training import train
 from tests.helpers import (
     HOOKED_TRAIN,
+    SIGNAL_AT_ENV,
     TRAIN,
     WEIGHTS_DUMP_ENV,
     assert_same_weights,
@@ -119,13 +120,12 @@ def test_mirrored_over_two_cpus_matches_default(real_mnist, single_process_accur
 def test_kill_during_the_last_epoch_then_resume(real_mnist_dir, single_process_accuracy, tmp_path):
     run_dir = tmp_path / "run"
     command = cli_command(real_mnist_dir, run_dir)
-    first = Watched(command, env_with())
-    epoch_1 = first.wait_for(f"Epoch 1/{EPOCHS}")
-    epoch_2 = first.wait_for(f"Epoch 2/{EPOCHS}")
-    time.sleep((epoch_2 - epoch_1) / 3)  # a third of the way into epoch 2
-    first.process.send_signal(signal.SIGKILL)
+    # kill -9 from inside, after the group of 100 steps ending at step 200 of epoch 2 (of 429): a fixed
+    # point, where a sleep would depend on how fast the machine is at that moment.
+    first = Watched([*command[:1], HOOKED_TRAIN, *command[2:]], env_with(**{SIGNAL_AT_ENV: "0:2:199:KILL:self"}))
     code, output = first.finish()
     assert code == -signal.SIGKILL and not artifacts.is_finished_run(run_dir), output
+    assert f"Epoch 2/{EPOCHS}" in output
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env_with())
     assert second.returncode == 0, second.stdout + second.stderr
