@@ -97,7 +97,6 @@ class ResultsConfig:
         return parse_seeds(self.seeds)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     """Evaluate one model on the MNIST test set (plots and evaluation.json), or compare every run."""
