@@ -20,7 +20,7 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_keras.data import pipeline as data_lib  # noqa: E402
 from mnist_keras.training.strategy import configure_logical_cpus  # noqa: E402
-from tests.helpers import missing  # noqa: E402
+from tests.helpers import REFERENCE_CNN_EPOCHS, missing  # noqa: E402
 
 configure_logical_cpus(2)
 
@@ -73,33 +73,59 @@ def mirrored_strategy() -> tf.distribute.Strategy:
                                           cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
+class SharedRuns:
+    """Run folders trained in process on the real MNIST, each once per test session. Under xdist the
+    folders are shared by the session's workers: the first to ask for one trains it, holding a lock the
+    others wait on."""
+
+    def __init__(self, folder: Path, data) -> None:
+        self.folder, self.data = folder, data
+
+    def get(self, name: str, config) -> Path:
+        from mnist_keras.storage import artifacts
+        from mnist_keras.training import train
+
+        folder = self.folder / name
+        self.folder.mkdir(exist_ok=True)
+        with open(self.folder / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not artifacts.is_finished_run(folder):
+                train.run(config, data=self.data, output_dir=folder)
+        return folder
+
+
 @pytest.fixture(scope="session")
-def trained_run_dirs(real_mnist, tmp_path_factory) -> dict:
+def shared_runs(real_mnist, tmp_path_factory) -> SharedRuns:
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    shared = (tmp_path_factory.getbasetemp().parent / f"runs-{run_id}") if run_id else tmp_path_factory.mktemp("runs")
+    return SharedRuns(shared, real_mnist)
+
+
+@pytest.fixture(scope="session")
+def trained_run_dirs(shared_runs) -> dict:
     """Lazily train the default preset of an architecture on real MNIST, once per test session.
 
     `trained_run_dirs["cnn"]` is the run folder of a default `train.py --arch cnn`; slow tests of
-    export, evaluation and prediction share it instead of training again. Under xdist the folder is
-    shared by the session's workers: the first to ask trains, holding a lock the others wait on.
+    export, evaluation and prediction share it instead of training again.
     """
     from mnist_keras import config as config_lib
-    from mnist_keras.storage import artifacts
-    from mnist_keras.training import train
-
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    shared = (tmp_path_factory.getbasetemp().parent / f"runs-{run_id}") if run_id else tmp_path_factory.mktemp("runs")
 
     class Runs(dict):
         def __missing__(self, arch):
-            folder = shared / arch
-            shared.mkdir(exist_ok=True)
-            with open(shared / f"{arch}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not artifacts.is_finished_run(folder):
-                    train.run(config_lib.train_config(arch, verbose=0), data=real_mnist, output_dir=folder)
-            self[arch] = folder
-            return folder
+            self[arch] = shared_runs.get(arch, config_lib.train_config(arch, verbose=0))
+            return self[arch]
 
     return Runs()
+
+
+@pytest.fixture(scope="session")
+def cnn_two_epoch_run(shared_runs) -> Path:
+    """An uninterrupted run of the CNN recipe for REFERENCE_CNN_EPOCHS epochs, one process, the default
+    strategy: what the real-MNIST preemption and multi-worker tests compare their runs with."""
+    from mnist_keras import config as config_lib
+
+    config = config_lib.train_config("cnn", epochs=REFERENCE_CNN_EPOCHS, verbose=0)
+    return shared_runs.get(f"cnn-{REFERENCE_CNN_EPOCHS}-epochs", config)
 
 
 @pytest.fixture(scope="module")

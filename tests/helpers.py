@@ -28,6 +28,9 @@ from tests.hooked.train import (  # noqa: F401
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO_ROOT / "scripts" / "train.py")
 TUNE = str(REPO_ROOT / "scripts" / "tune.py")
+# Epochs of the real-MNIST CNN runs that the preemption and multi-worker tests compare (conftest's
+# cnn_two_epoch_run): the recipe's, shortened to keep CI short.
+REFERENCE_CNN_EPOCHS = 2
 # train.py with the test hooks the environment variables above switch on (tests/hooked/train.py).
 HOOKED_TRAIN = hooked_train.__file__
 

@@ -25,6 +25,7 @@ from mnist_keras.storage import artifacts
 from mnist_keras.training import train
 from tests.helpers import (
     HOOKED_TRAIN,
+    REFERENCE_CNN_EPOCHS,
     SIGNAL_AT_ENV,
     TRAIN,
     WEIGHTS_DUMP_ENV,
@@ -34,7 +35,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 2
+EPOCHS = REFERENCE_CNN_EPOCHS
 
 
 def cnn_config(**overrides):
@@ -47,9 +48,9 @@ def accuracy(run_dir):
 
 
 @pytest.fixture(scope="module")
-def single_process_accuracy(real_mnist):
-    """Test accuracy of the default strategy (one process, one replica)."""
-    return train.run(cnn_config(), data=real_mnist, strategy=tf.distribute.get_strategy()).metrics["test_accuracy"]
+def single_process_accuracy(cnn_two_epoch_run):
+    """Test accuracy of the default strategy (one process, one replica), trained once per session."""
+    return accuracy(cnn_two_epoch_run)
 
 
 def cli_command(real_mnist_dir, run_dir, *extra, script=TRAIN):
