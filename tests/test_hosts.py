@@ -32,6 +32,12 @@ TRAIN_ARGS = ["--arch", "mlp_small", "--batch-size", "32", "--learning-rate", "0
 RUN_EPOCHS = "20"
 
 
+def _args(data_dir, run_dir, verbose="1"):
+    """train.py's arguments for every run here: on each host (nethosts gives each its TF_CONFIG) or on loopback."""
+    return [*TRAIN_ARGS, "--epochs", RUN_EPOCHS, "--data-dir", str(data_dir), "--verbose", verbose,
+            "--output-dir", str(run_dir)]
+
+
 @pytest.fixture
 def hosts():
     why = nethosts.missing_tools()
@@ -50,8 +56,7 @@ def data_dir(tiny_mnist, tmp_path_factory):
 def loopback_run(data_dir, tmp_path_factory):
     """The run folder of the hosts' runs made uninterrupted: two workers on loopback, same seed."""
     folder = tmp_path_factory.mktemp("loopback") / "run"
-    loopback = subprocess.run([sys.executable, TRAIN, *TRAIN_ARGS, "--epochs", RUN_EPOCHS, "--data-dir",
-                               str(data_dir), "--output-dir", str(folder), "--workers", "2", "--verbose", "0"],
+    loopback = subprocess.run([sys.executable, TRAIN, *_args(data_dir, folder, verbose="0"), "--workers", "2"],
                               env=env_with(), capture_output=True, text=True, timeout=600)
     assert loopback.returncode == 0, loopback.stderr[-2000:]
     return folder
@@ -65,14 +70,14 @@ def _wait(processes, timeout):
 
 
 def test_two_hosts_train_to_the_same_metrics_as_loopback(hosts, data_dir, loopback_run, tmp_path):
-    args = [*TRAIN_ARGS, "--epochs", RUN_EPOCHS, "--data-dir", str(data_dir), "--verbose", "0"]
-    logs = [tmp_path / f"worker-{index}.log" for index in (0, 1)]
-    workers = nethosts.start_workers(hosts, [*args, "--output-dir", str(tmp_path / "hosts")], logs,
-                                     env=env_with())
-    assert _wait(workers, 300) == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
-    across, local = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path / "hosts", loopback_run))
-    assert across["workers"] == local["workers"] == 2
-    assert across["test_loss"] == local["test_loss"] and across["test_accuracy"] == local["test_accuracy"]
+    workers, logs = _start(hosts, _args(data_dir, tmp_path / "hosts", verbose="0"), tmp_path, 0)
+    try:
+        assert _wait(workers, 300) == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
+    finally:
+        _kill_leftovers(workers)
+    assert [json.loads((folder / "metrics.json").read_text())["workers"] for folder in (tmp_path / "hosts",
+                                                                                        loopback_run)] == [2, 2]
+    _assert_ends_as_uninterrupted(tmp_path / "hosts", loopback_run)
 
 
 def _start(hosts, args, tmp_path, attempt):
@@ -110,8 +115,7 @@ def test_a_5_s_blip_is_survived(hosts, data_dir, loopback_run, tmp_path):
     """On an idle machine TensorFlow's own retries ride a 5 s blip out (the first start finishes); with the
     machine busy (the suite's other worker) its coordination service may give the peer up, and the restart
     resumes it: either way the run ends as an uninterrupted one, as the acceptance asks."""
-    args = [*TRAIN_ARGS, "--epochs", RUN_EPOCHS, "--data-dir", str(data_dir), "--verbose", "1",
-            "--output-dir", str(tmp_path / "hosts")]
+    args = _args(data_dir, tmp_path / "hosts")
     workers, logs = _start(hosts, args, tmp_path, 0)
     try:
         _wait_for_epoch(workers, logs, 3)
@@ -130,8 +134,7 @@ def test_a_partition_ends_both_workers_within_30_s_and_starting_both_again_resum
                                                                                    tmp_path):
     """A partition (longer than the coordination service's ~10 s heartbeat timeout) ends both workers, each
     with one line; once it heals, starting both again resumes the run, which ends as an uninterrupted one."""
-    args = [*TRAIN_ARGS, "--epochs", RUN_EPOCHS, "--data-dir", str(data_dir), "--verbose", "1",
-            "--output-dir", str(tmp_path / "hosts")]
+    args = _args(data_dir, tmp_path / "hosts")
     workers, logs = _start(hosts, args, tmp_path, 0)
     try:
         _wait_for_epoch(workers, logs, 3)

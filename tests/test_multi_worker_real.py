@@ -14,8 +14,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import tensorflow as tf
@@ -58,35 +56,6 @@ def cli_command(real_mnist_dir, run_dir, *extra, script=TRAIN):
             "--output-dir", str(run_dir), *extra]
 
 
-class Watched:
-    """A subprocess whose merged output is collected line by line while it runs."""
-
-    def __init__(self, command, env):
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=env)
-        self.lines = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, fragment, timeout=300):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(fragment in line for line in self.lines):
-                return time.monotonic()
-            assert self.process.poll() is None, "".join(self.lines)
-            time.sleep(0.1)
-        raise AssertionError(f"{fragment!r} not seen in {timeout} s:\n" + "".join(self.lines))
-
-    def finish(self, timeout=600):
-        self.process.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return self.process.returncode, "".join(self.lines)
-
-
 @pytest.fixture(scope="module")
 def two_worker_run(real_mnist_dir, tmp_path_factory):
     """(run folder, weight dumps) of an uninterrupted `--workers 2` run."""
@@ -120,15 +89,16 @@ def test_mirrored_over_two_cpus_matches_default(real_mnist, single_process_accur
 
 def test_kill_during_the_last_epoch_then_resume(real_mnist_dir, single_process_accuracy, tmp_path):
     run_dir = tmp_path / "run"
-    command = cli_command(real_mnist_dir, run_dir)
     # kill -9 from inside, after the group of 100 steps ending at step 200 of epoch 2 (of 429): a fixed
     # point, where a sleep would depend on how fast the machine is at that moment.
-    first = Watched([*command[:1], HOOKED_TRAIN, *command[2:]], env_with(**{SIGNAL_AT_ENV: "0:2:199:KILL:self"}))
-    code, output = first.finish()
-    assert code == -signal.SIGKILL and not artifacts.is_finished_run(run_dir), output
-    assert f"Epoch 2/{EPOCHS}" in output
+    first = subprocess.run(cli_command(real_mnist_dir, run_dir, script=HOOKED_TRAIN), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=600,
+                           env=env_with(**{SIGNAL_AT_ENV: "0:2:199:KILL:self"}))
+    assert first.returncode == -signal.SIGKILL and not artifacts.is_finished_run(run_dir), first.stdout
+    assert f"Epoch 2/{EPOCHS}" in first.stdout
 
-    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env_with())
+    second = subprocess.run(cli_command(real_mnist_dir, run_dir), capture_output=True, text=True, timeout=600,
+                            env=env_with())
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Resuming at epoch 2" in second.stderr
     assert "Epoch 1/" not in second.stdout and f"Epoch 2/{EPOCHS}" in second.stdout
